@@ -1,0 +1,1 @@
+"""Generated training and sample data (nothing is downloaded)."""

@@ -1,0 +1,9 @@
+"""Exceptions users can act on; the command maps them to exit codes (design §4)."""
+
+
+class InputError(ValueError):
+    """Bad input or usage: the message names the file (or option) and the problem. Exit code 2."""
+
+
+class RegistrationFailure(RuntimeError):
+    """A runtime failure the user cannot fix by changing the input (e.g. out of memory). Exit 3."""

@@ -1,0 +1,84 @@
+"""Input checks of ``io.read_image`` / ``read_mask``: each problem is one ``InputError`` naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from equireg.errors import InputError
+from equireg.io import read_image, read_mask, write_image
+
+
+def _write(array: np.ndarray, path: Path, vector: bool = False) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
+    return path
+
+
+def _junk(path: Path) -> Path:
+    path.write_text("not an image")
+    return path
+
+
+def _smooth(shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).random(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.nrrd", "no such file"),
+        (lambda d: _junk(d / "junk.nrrd"), "cannot be read"),
+        (lambda d: _write(np.zeros((4, 5, 6, 7), np.float32), d / "four.nii.gz"), "4-D"),
+        (lambda d: _write(_smooth((6, 7, 8, 5)), d / "vector.nrrd", vector=True), "vector image"),
+        (lambda d: _write(np.full((8, 9), 3.0, np.float32), d / "constant.nrrd"), "constant"),
+        (lambda d: _write(np.where(_smooth((8, 9)) > 0.5, np.nan, 1).astype(np.float32), d / "nan.nrrd"), "NaN"),
+        (lambda d: _write(np.where(_smooth((8, 9)) > 0.5, np.inf, 1).astype(np.float32), d / "inf.nrrd"), "infinite"),
+        (lambda d: _write(np.zeros((1, 9), np.float32), d / "empty.nrrd"), "empty"),
+    ],
+    ids=["missing", "unreadable", "4d", "vector", "constant", "nan", "inf", "empty"],
+)
+def test_bad_images_raise_one_clear_error(tmp_path: Path, make, message: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(InputError) as caught:
+        read_image(path)
+    text = str(caught.value)
+    assert str(path) in text and message in text and "\n" not in text
+
+
+def test_colour_png_becomes_grey_with_a_notice(tmp_path: Path) -> None:
+    rgb = (np.random.default_rng(0).random((10, 12, 3)) * 255).astype(np.uint8)
+    path = _write(rgb, tmp_path / "colour.png", vector=True)
+    notices: list[str] = []
+    image = read_image(path, notices.append)
+    assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetSize() == (12, 10)
+    expected = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), expected, rtol=1e-5, atol=1e-3)
+    assert len(notices) == 1 and "grey" in notices[0]
+
+
+def test_single_slice_3d_image_is_read_as_2d(tmp_path: Path) -> None:
+    path = _write(_smooth((1, 8, 9)), tmp_path / "slice.nrrd")
+    assert read_image(path).GetDimension() == 2
+
+
+def test_mask_must_share_the_image_grid(tmp_path: Path) -> None:
+    image = read_image(_write(_smooth((8, 9)), tmp_path / "image.nrrd"))
+    good = _write((_smooth((8, 9)) > 0.5).astype(np.uint8), tmp_path / "mask.nrrd")
+    assert read_mask(good, image, "fixed").GetSize() == image.GetSize()
+    other = sitk.GetImageFromArray((_smooth((8, 9)) > 0.5).astype(np.uint8))
+    other.SetSpacing((2.0, 1.0))
+    sitk.WriteImage(other, str(tmp_path / "shifted.nrrd"))
+    with pytest.raises(InputError, match="not on the fixed image's grid"):
+        read_mask(tmp_path / "shifted.nrrd", image, "fixed")
+    with pytest.raises(InputError, match="mask is empty"):
+        read_mask(_write(np.zeros((8, 9), np.uint8), tmp_path / "empty.nrrd"), image, "fixed")
+
+
+def test_write_image_leaves_no_partial_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.nrrd"
+    with pytest.raises(RuntimeError):
+        write_image(sitk.Image(), target)  # an empty image cannot be written
+    assert list(tmp_path.iterdir()) == []
