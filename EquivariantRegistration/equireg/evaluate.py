@@ -1,0 +1,195 @@
+"""Metrics for reports, tests and benchmarks: folding, equivariance, similarity, TRE (design §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .compose import RegistrationStep
+from .losses import lncc, mse
+from .maps import identity_grid
+
+# Voxels per slab when differentiating a large field, so a full-resolution CT grid does not
+# need the whole (*shape, d, d) Jacobian in memory at once.
+_SLAB_VOXELS = 1 << 20
+
+
+def _index_jacobian(displacement: np.ndarray) -> np.ndarray:
+    """``∂u_i/∂index_j`` (central differences, one-sided at the border), ``j`` in ITK order."""
+    dims = displacement.shape[-1]
+    columns = []
+    for itk_axis in range(dims):
+        tensor_axis = dims - 1 - itk_axis
+        if displacement.shape[tensor_axis] > 1:
+            columns.append(np.gradient(displacement, axis=tensor_axis))
+        else:  # a single slice: nothing varies along this axis
+            columns.append(np.zeros_like(displacement))
+    return np.stack(columns, axis=-1)
+
+
+def jacobian_determinant(
+    displacement_mm: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float] | None = None,
+) -> np.ndarray:
+    """``det(I + ∂u/∂x)`` of a physical displacement field ``u``, per voxel: ``(*shape)``.
+
+    ``displacement_mm`` is ``(*shape, d)`` in tensor-axis order (z, y, x arrays, as NumPy sees
+    an ITK image) with vectors in ITK (x, y, z) order, LPS mm; ``spacing`` and ``direction``
+    (row-major, identity when omitted) are ITK's. The direction matters because the vectors are
+    in LPS: for an oblique grid, ``∂u/∂index`` must be rotated with the grid, not read as if the
+    grid axes were L, P, S. Central differences, one-sided at the border.
+    """
+    displacement = np.asarray(displacement_mm, dtype=np.float64)
+    dims = displacement.shape[-1]
+    if displacement.ndim != dims + 1 or len(spacing) != dims:
+        raise ValueError(
+            f"displacement of shape {displacement.shape} and spacing {tuple(spacing)} do not "
+            f"describe a {dims}-D field of {dims}-vectors"
+        )
+    rotation = np.eye(dims) if direction is None else np.asarray(direction).reshape(dims, dims)
+    physical_per_index = np.linalg.inv(rotation @ np.diag(np.asarray(spacing, dtype=np.float64)))
+    # Slabs along the first axis with a one-voxel halo give the same central differences.
+    slices = displacement.shape[0]
+    per_slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(displacement.shape[1:-1]))))
+    determinant = np.empty(displacement.shape[:-1])
+    for start in range(0, slices, per_slab):
+        stop = min(start + per_slab, slices)
+        low, high = max(start - 1, 0), min(stop + 1, slices)
+        jacobian = _index_jacobian(displacement[low:high]) @ physical_per_index
+        jacobian = jacobian[start - low : start - low + stop - start]
+        determinant[start:stop] = np.linalg.det(np.eye(dims) + jacobian)
+    return determinant
+
+
+def folding_fraction(
+    displacement_mm: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float] | None = None,
+) -> float:
+    """Fraction of voxels whose Jacobian determinant is ``≤ 0`` (the map folds or collapses)."""
+    return float(np.mean(jacobian_determinant(displacement_mm, spacing, direction) <= 0))
+
+
+def map_jacobian_determinant(phi_values: torch.Tensor) -> torch.Tensor:
+    """``det ∇φ`` of a map sampled on a grid, ``(B, d, *S)`` -> ``(B, *S)``.
+
+    In network coordinates; the determinant does not change when both sides are counted in
+    voxels instead (``D J D⁻¹``), so it is also the voxel-unit one. Central differences.
+    """
+    shape = phi_values.shape[2:]
+    dims = len(shape)
+    columns = torch.gradient(
+        phi_values, spacing=[1.0 / n for n in shape], dim=list(range(2, 2 + dims))
+    )
+    jacobian = torch.stack(columns, dim=2)  # (B, d_out, d_in, *S)
+    return torch.linalg.det(jacobian.movedim((1, 2), (-2, -1)))
+
+
+def map_folding_fraction(phi_values: torch.Tensor) -> float:
+    """Fraction of grid voxels where the sampled map ``(B, d, *S)`` has ``det ∇φ ≤ 0``."""
+    return float((map_jacobian_determinant(phi_values) <= 0).double().mean())
+
+
+def equivariance_error(
+    step: RegistrationStep,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    shift_moving: tuple[int, ...],
+    shift_fixed: tuple[int, ...],
+    margin: int,
+) -> float:
+    """How far ``Φ[A∘W, B∘U]`` is from ``W⁻¹ ∘ Φ[A, B] ∘ U``: mean Euclidean error in voxels.
+
+    ``A`` = ``moving``, ``B`` = ``fixed`` ``(B, C, *S)``; ``W(x) = x + w`` and ``U(x) = x + u``
+    shift by whole voxels (``w = shift_moving / n`` per axis), so ``A∘W`` is ``A`` rolled by
+    ``−shift_moving``. Rolling wraps content around, so both maps are compared only on fixed
+    voxels at least ``margin`` from every border; the difference is counted in moving-image
+    voxels. Runs without gradients; put ``step`` in eval mode first if it has dropout or
+    batch-norm.
+    """
+    shape = fixed.shape[2:]
+    dims = len(shape)
+    if len(shift_moving) != dims or len(shift_fixed) != dims:
+        raise ValueError(f"shifts must have {dims} entries, got {shift_moving} and {shift_fixed}")
+    if margin < 0 or 2 * margin >= min(shape):
+        raise ValueError(f"margin {margin} leaves no voxels of a {tuple(shape)} grid")
+    axes = tuple(range(2, 2 + dims))
+
+    def as_coordinates(shift: Sequence[int], grid_shape: Sequence[int]) -> torch.Tensor:
+        values = [s / n for s, n in zip(shift, grid_shape, strict=True)]
+        offset = torch.tensor(values, device=fixed.device, dtype=fixed.dtype)
+        return offset.view(1, dims, *([1] * dims))
+
+    w = as_coordinates(shift_moving, moving.shape[2:])
+    u = as_coordinates(shift_fixed, shape)
+    grid = identity_grid(shape, fixed.shape[0], device=fixed.device, dtype=fixed.dtype)
+    with torch.no_grad():
+        shifted_moving = torch.roll(moving, [-s for s in shift_moving], dims=axes)
+        shifted_fixed = torch.roll(fixed, [-s for s in shift_fixed], dims=axes)
+        of_shifted = step(shifted_moving, shifted_fixed)(grid)
+        expected = step(moving, fixed)(grid + u) - w
+    moving_voxels = torch.tensor(list(moving.shape[2:]), device=fixed.device, dtype=fixed.dtype)
+    error = (of_shifted - expected) * moving_voxels.view(1, dims, *([1] * dims))
+    inside = (slice(None), slice(None)) + tuple(slice(margin, n - margin) for n in shape)
+    return float(error[inside].norm(dim=1).mean())
+
+
+def _as_batch(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor ``(B, C, *S)`` as it is; a NumPy image ``(*S)`` (``GetArrayFromImage``) as one."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return torch.as_tensor(np.asarray(image, dtype=np.float64))[None, None]
+
+
+def similarity_report(
+    fixed: torch.Tensor | np.ndarray,
+    moving: torch.Tensor | np.ndarray,
+    warped: torch.Tensor | np.ndarray,
+    window: int = 5,
+) -> dict[str, float]:
+    """LNCC and MSE to ``fixed`` of ``moving`` (before) and ``warped`` (after), for report.json.
+
+    All three must be on the fixed grid (``moving`` resampled there without registration).
+    ``lncc_*`` is the local correlation itself (1 = perfect), i.e. ``1 − losses.lncc``; MSE is
+    in the images' own intensity units. Tensors are ``(B, C, *S)``, arrays a single ``(*S)``.
+    """
+    fixed_t, moving_t, warped_t = (_as_batch(image) for image in (fixed, moving, warped))
+    with torch.no_grad():
+        return {
+            "lncc_before": float(1 - lncc(moving_t, fixed_t, window)),
+            "lncc_after": float(1 - lncc(warped_t, fixed_t, window)),
+            "mse_before": float(mse(moving_t, fixed_t)),
+            "mse_after": float(mse(warped_t, fixed_t)),
+        }
+
+
+def target_registration_error(
+    fixed_points_mm: np.ndarray,
+    moving_points_mm: np.ndarray,
+    transform: sitk.Transform,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Distance (mm) from ``T(fixed_i)`` to ``moving_i`` per landmark pair, and a summary.
+
+    ``transform`` maps fixed physical points to moving ones (our convention, design §3); points
+    are ``(N, d)`` LPS mm in ITK order. The summary has ``mean``, ``median``, ``p90``, ``max``.
+    """
+    fixed_points = np.asarray(fixed_points_mm, dtype=np.float64)
+    moving_points = np.asarray(moving_points_mm, dtype=np.float64)
+    if fixed_points.ndim != 2 or fixed_points.shape != moving_points.shape or not len(fixed_points):
+        raise ValueError(
+            f"landmarks must be two non-empty (N, d) arrays of the same shape, got "
+            f"{fixed_points.shape} and {moving_points.shape}"
+        )
+    mapped = np.array([transform.TransformPoint([float(v) for v in p]) for p in fixed_points])
+    distances = np.linalg.norm(mapped - moving_points, axis=1)
+    summary = {
+        "mean": float(np.mean(distances)),
+        "median": float(np.median(distances)),
+        "p90": float(np.percentile(distances, 90)),
+        "max": float(np.max(distances)),
+    }
+    return distances, summary

@@ -1,0 +1,181 @@
+"""Training and instance-optimisation losses: similarity and regularisers (design §1).
+
+Images are ``(B, C, *S)`` tensors and maps follow ``maps.py`` (network coordinates, 1-, 2- or
+3-D). Every function here is differentiable; each loss is 0 for a perfect result.
+
+Regularisers measure derivatives in *voxel units* (positions and displacements counted in
+voxels of the grid they are sampled on). A displacement gradient is then dimensionless, the
+same for a smooth field whichever resolution samples it, and treats axes with different voxel
+counts alike; in plain network coordinates an axis with twice the voxels would count a
+one-voxel wobble four times less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .compose import RegistrationStep
+from .maps import Map, evaluate, identity_grid, sample
+
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Mean over the box around each voxel, the box cropped to the image at the border.
+
+    One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``); excluding the
+    padding from each 1-D mean is exact for the cropped box because it is a product of
+    intervals.
+    """
+    dims = x.dim() - 2
+    for axis, width in enumerate(window):
+        if width == 1:
+            continue
+        kernel = [1] * dims
+        kernel[axis] = width
+        padding = [0] * dims
+        padding[axis] = width // 2
+        x = _AVG_POOL[dims](x, kernel, stride=1, padding=padding, count_include_pad=False)
+    return x
+
+
+def lncc(
+    a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 5, eps: float = 1e-5
+) -> torch.Tensor:
+    """``1 − mean local normalised cross-correlation`` of ``a`` and ``b`` ``(B, C, *S)``.
+
+    0 for ``b = s·a + t`` (any ``s > 0``), about 1 for unrelated images, up to 2 for inverted
+    contrast. The correlation is taken over a box of odd ``window`` voxels (one size or one per
+    axis) around each voxel; ``eps`` is added to each local variance, so windows where either
+    image is flat count as uncorrelated instead of dividing by zero.
+    """
+    dims = a.dim() - 2
+    sizes = (window,) * dims if isinstance(window, int) else tuple(window)
+    if len(sizes) != dims or any(w < 1 or w % 2 == 0 for w in sizes):
+        raise ValueError(f"lncc window must be {dims} odd sizes, got {window!r}")
+    spatial = tuple(range(2, a.dim()))
+    # Removing each image's global mean first avoids cancellation in E[a²] − E[a]² (float32).
+    a = a - a.mean(dim=spatial, keepdim=True)
+    b = b - b.mean(dim=spatial, keepdim=True)
+    channels = a.shape[1]
+    moments = _box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), sizes)
+    mean_a, mean_b, mean_aa, mean_bb, mean_ab = moments.split(channels, dim=1)
+    var_a = (mean_aa - mean_a * mean_a).clamp(min=0) + eps
+    var_b = (mean_bb - mean_b * mean_b).clamp(min=0) + eps
+    covariance = mean_ab - mean_a * mean_b
+    return 1 - (covariance / torch.sqrt(var_a * var_b)).mean()
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared intensity difference (for masks and same-contrast images)."""
+    return (a - b).pow(2).mean()
+
+
+def _voxels_per_unit(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``(1, d, 1, …)``: multiplies network coordinates along each axis into voxels of ``shape``."""
+    scale = torch.tensor(list(shape), device=like.device, dtype=like.dtype)
+    return scale.view(1, len(shape), *([1] * len(shape)))
+
+
+def diffusion(map_values: torch.Tensor) -> torch.Tensor:
+    """Mean squared displacement gradient ``Σ_{i,j} (∂u_i/∂x_j)²`` of a map sampled on a grid.
+
+    ``map_values`` ``(B, d, *S)`` are the map at the grid's voxel centres (``maps.evaluate``);
+    ``u = map − identity`` and ``x`` are both in voxels of that grid, so the result is
+    dimensionless: ``u = A·x`` gives ``‖A‖²_F`` on a cube grid. Forward differences, averaged over
+    the voxel pairs of each axis and summed over axes.
+    """
+    shape = map_values.shape[2:]
+    identity = identity_grid(shape, device=map_values.device, dtype=map_values.dtype)
+    displacement = (map_values - identity) * _voxels_per_unit(shape, map_values)
+    total = map_values.new_zeros(())
+    for axis in range(len(shape)):
+        total = total + torch.diff(displacement, dim=2 + axis).pow(2).sum(dim=1).mean()
+    return total
+
+
+def gradient_inverse_consistency(
+    phi_ab: Map,
+    phi_ba: Map,
+    shape: Sequence[int],
+    like: torch.Tensor,
+    *,
+    delta: float = 0.1,
+    perturb: bool = True,
+) -> torch.Tensor:
+    """GradICON (Tian et al., 2023): mean of ``‖∇(φ_AB ∘ φ_BA) − I‖²_F`` over ``A``'s grid.
+
+    ``φ_BA`` maps ``A``'s coordinates to ``B``'s and ``φ_AB`` back, so for exact inverses the
+    round trip is the identity and its Jacobian ``I``; penalising only the Jacobian (not the
+    round trip itself) leaves room for the registration to be off by a translation. ``shape`` is
+    ``A``'s grid, ``like`` gives batch size, device and dtype. The Jacobian is taken by forward
+    differences of ``delta`` voxels, in voxel units (module docstring). With ``perturb`` each
+    point moves uniformly within its voxel (a fresh draw per call), so the points cover the
+    domain and the loss does not see only the voxel centres, where linear interpolation kinks.
+    """
+    dims = len(shape)
+    per_voxel = _voxels_per_unit(shape, like)
+    points = identity_grid(shape, like.shape[0], device=like.device, dtype=like.dtype)
+    if perturb:
+        points = points + (torch.rand_like(points) - 0.5) / per_voxel
+    eye = torch.eye(dims, device=like.device, dtype=like.dtype)
+    offsets = [eye[axis].view(1, dims, *([1] * dims)) * delta / shape[axis] for axis in range(dims)]
+    # Maps act pointwise, so the base points and the d offset copies go through in one call.
+    all_points = torch.cat([points] + [points + offset for offset in offsets], dim=-1)
+    base, *moved = phi_ab(phi_ba(all_points)).chunk(dims + 1, dim=-1)
+    total = like.new_zeros(())
+    for axis, column_points in enumerate(moved):
+        column = (column_points - base) * per_voxel / delta
+        identity_column = eye[axis].view(1, dims, *([1] * dims))
+        total = total + (column - identity_column).pow(2).sum(dim=1).mean()
+    return total
+
+
+def registration_loss(
+    step: RegistrationStep,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    *,
+    similarity: Literal["lncc", "mse"] = "lncc",
+    regulariser: Literal["diffusion", "gradicon"] = "diffusion",
+    weight: float = 1.0,
+    window: int | Sequence[int] = 5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``similarity + weight · regulariser`` for one step on one batch; used by training and
+    instance optimisation.
+
+    With ``diffusion`` the step runs once (moving → fixed). With ``gradicon`` it also runs with
+    the images swapped, as the regulariser needs both directions; the similarity is then the
+    mean over the two directions. Returns the differentiable total and its parts as floats
+    (``similarity``, ``regulariser``, ``total``) for logging.
+    """
+    if similarity not in ("lncc", "mse"):
+        raise ValueError(f"unknown similarity {similarity!r}; expected 'lncc' or 'mse'")
+    if regulariser not in ("diffusion", "gradicon"):
+        raise ValueError(f"unknown regulariser {regulariser!r}; expected 'diffusion' or 'gradicon'")
+
+    def similarity_of(warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lncc(warped, target, window) if similarity == "lncc" else mse(warped, target)
+
+    batch = fixed.shape[0]
+    phi_ab = step(moving, fixed)  # A = moving, B = fixed: φ_AB maps B's coordinates to A's
+    values_ab = evaluate(phi_ab, fixed.shape[2:], batch, fixed)
+    similarity_loss = similarity_of(sample(moving, values_ab), fixed)
+    if regulariser == "diffusion":
+        regulariser_loss = diffusion(values_ab)
+    else:
+        phi_ba = step(fixed, moving)
+        values_ba = evaluate(phi_ba, moving.shape[2:], batch, moving)
+        similarity_loss = 0.5 * (similarity_loss + similarity_of(sample(fixed, values_ba), moving))
+        regulariser_loss = gradient_inverse_consistency(phi_ab, phi_ba, moving.shape[2:], moving)
+    total = similarity_loss + weight * regulariser_loss
+    parts = {
+        "similarity": float(similarity_loss.detach()),
+        "regulariser": float(regulariser_loss.detach()),
+        "total": float(total.detach()),
+    }
+    return total, parts
