@@ -1,4 +1,4 @@
-"""Input checks of ``io.read_image`` / ``read_mask``: each problem is one ``InputError`` naming the file."""
+"""Input checks of ``read_image`` and ``read_mask``: one ``InputError`` per problem."""
 
 from __future__ import annotations
 
@@ -34,8 +34,18 @@ def _smooth(shape: tuple[int, ...]) -> np.ndarray:
         (lambda d: _write(np.zeros((4, 5, 6, 7), np.float32), d / "four.nii.gz"), "4-D"),
         (lambda d: _write(_smooth((6, 7, 8, 5)), d / "vector.nrrd", vector=True), "vector image"),
         (lambda d: _write(np.full((8, 9), 3.0, np.float32), d / "constant.nrrd"), "constant"),
-        (lambda d: _write(np.where(_smooth((8, 9)) > 0.5, np.nan, 1).astype(np.float32), d / "nan.nrrd"), "NaN"),
-        (lambda d: _write(np.where(_smooth((8, 9)) > 0.5, np.inf, 1).astype(np.float32), d / "inf.nrrd"), "infinite"),
+        (
+            lambda d: _write(
+                np.where(_smooth((8, 9)) > 0.5, np.nan, 1).astype(np.float32), d / "nan.nrrd"
+            ),
+            "NaN",
+        ),
+        (
+            lambda d: _write(
+                np.where(_smooth((8, 9)) > 0.5, np.inf, 1).astype(np.float32), d / "inf.nrrd"
+            ),
+            "infinite",
+        ),
         (lambda d: _write(np.zeros((1, 9), np.float32), d / "empty.nrrd"), "empty"),
     ],
     ids=["missing", "unreadable", "4d", "vector", "constant", "nan", "inf", "empty"],

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
+from torch import nn
+
 from equireg import evaluate
 from equireg.compose import DisplacementStep, RegistrationStep
 from equireg.evaluate import (
@@ -23,13 +26,12 @@ from equireg.losses import (
     diffusion,
     gradient_inverse_consistency,
     lncc,
+    lncc_pyramid,
     mse,
     registration_loss,
 )
 from equireg.maps import Map, displacement_map, identity_grid
 from equireg.space import Grid
-from scipy import ndimage
-from torch import nn
 
 SHAPES = [(24, 32), (12, 14, 16)]
 
@@ -211,7 +213,7 @@ def conv_step(dims: int) -> DisplacementStep:
     return DisplacementStep(conv.double())
 
 
-@pytest.mark.parametrize("similarity", ["lncc", "mse"])
+@pytest.mark.parametrize("similarity", ["lncc", "lncc_pyramid", "mse"])
 @pytest.mark.parametrize("regulariser", ["diffusion", "gradicon"])
 def test_registration_loss_parts_add_up_and_differentiate(similarity, regulariser):
     torch.manual_seed(0)
@@ -225,6 +227,19 @@ def test_registration_loss_parts_add_up_and_differentiate(similarity, regularise
     assert parts["total"] == pytest.approx(parts["similarity"] + 0.5 * parts["regulariser"])
     total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in step.parameters())
+
+
+def test_lncc_pyramid_is_zero_for_equal_images_and_widens_the_basin():
+    """Thin lines: plain LNCC has no basin at a 4-voxel offset; the pyramid does."""
+    lines = torch.zeros(1, 1, 64, 64, dtype=torch.float64)
+    lines[:, :, 8::16, :] = 1.0
+    lines[:, :, :, 5::16] = 1.0
+    noisy = lines + 0.01 * torch.randn(lines.shape, generator=torch.Generator().manual_seed(0))
+    assert lncc_pyramid(noisy, noisy).item() == pytest.approx(0.0, abs=0.05)  # eps in flat windows
+    plain = [lncc(lines, torch.roll(lines, k, dims=2)).item() for k in (0, 2, 4)]
+    pyramid = [lncc_pyramid(lines, torch.roll(lines, k, dims=2)).item() for k in (0, 2, 4)]
+    assert pyramid == sorted(pyramid) and pyramid[2] - pyramid[1] > 0.1
+    assert plain != sorted(plain)
 
 
 def test_registration_loss_rejects_unknown_names():

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from equireg.compose import Downsample, RegistrationStep, TwoStep
-from equireg.maps import Map, compose, displacement_map, evaluate, identity_grid, sample, sampled_map, warp
+from equireg.maps import (
+    Map,
+    compose,
+    displacement_map,
+    evaluate,
+    identity_grid,
+    sample,
+    sampled_map,
+    warp,
+)
 
 
 def _affine(matrix: torch.Tensor, offset: torch.Tensor) -> Map:
@@ -20,7 +29,9 @@ def _affine(matrix: torch.Tensor, offset: torch.Tensor) -> Map:
 
 def _random_affine(dim: int, seed: int) -> Map:
     generator = torch.Generator().manual_seed(seed)
-    matrix = torch.eye(dim, dtype=torch.float64) + 0.1 * torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    matrix = torch.eye(dim, dtype=torch.float64) + 0.1 * torch.randn(
+        dim, dim, generator=generator, dtype=torch.float64
+    )
     return _affine(matrix, 0.05 * torch.randn(dim, generator=generator, dtype=torch.float64))
 
 

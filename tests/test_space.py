@@ -28,7 +28,9 @@ def test_index_to_physical_matches_simpleitk(dim: int) -> None:
 def test_network_physical_round_trip(dim: int) -> None:
     _, grid = _grid(dim)
     coords = np.random.default_rng(1).uniform(-0.2, 1.2, size=(100, dim))
-    np.testing.assert_allclose(grid.physical_to_network(grid.network_to_physical(coords)), coords, atol=1e-12)
+    np.testing.assert_allclose(
+        grid.physical_to_network(grid.network_to_physical(coords)), coords, atol=1e-12
+    )
 
 
 def test_network_coordinates_follow_tensor_axes(dim: int) -> None:
@@ -50,9 +52,13 @@ def test_resized_grid_keeps_extent_and_network_coordinates(dim: int) -> None:
     assert coarse.direction == grid.direction
     # the outer corner (network 0 and 1) is the same physical point in both grids
     for corner in (np.zeros(dim), np.ones(dim)):
-        np.testing.assert_allclose(coarse.network_to_physical(corner), grid.network_to_physical(corner), atol=1e-9)
+        np.testing.assert_allclose(
+            coarse.network_to_physical(corner), grid.network_to_physical(corner), atol=1e-9
+        )
     point = grid.network_to_physical(np.array([0.3, 0.6, 0.85][:dim]))
-    np.testing.assert_allclose(coarse.physical_to_network(point), grid.physical_to_network(point), atol=1e-12)
+    np.testing.assert_allclose(
+        coarse.physical_to_network(point), grid.physical_to_network(point), atol=1e-12
+    )
 
 
 def test_resample_to_grid_samples_a_linear_ramp_exactly(dim: int) -> None:
@@ -73,11 +79,15 @@ def test_physical_displacement_of_a_network_translation(dim: int) -> None:
     """Φ(c) = c + t in network units is a physical shift of direction·spacing·(t·size) mm."""
     _, grid = _grid(dim)
     shift = np.array([0.1, -0.05, 0.2][:dim])
-    values = identity_grid(grid.shape) + torch.tensor(shift, dtype=torch.float32).view(1, dim, *[1] * dim)
+    values = identity_grid(grid.shape) + torch.tensor(shift, dtype=torch.float32).view(
+        1, dim, *[1] * dim
+    )
     field = physical_displacement(sampled_map(values), grid, grid, grid, like=values)
     expected = grid.direction_matrix @ (np.array(grid.spacing) * shift[::-1] * np.array(grid.size))
     assert field.shape == (*grid.shape, dim)
-    np.testing.assert_allclose(field.reshape(-1, dim), np.broadcast_to(expected, (field[..., 0].size, dim)), atol=1e-4)
+    np.testing.assert_allclose(
+        field.reshape(-1, dim), np.broadcast_to(expected, (field[..., 0].size, dim)), atol=1e-4
+    )
 
 
 def test_physical_displacement_between_different_grids(dim: int) -> None:

@@ -95,7 +95,9 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image, role: str) -> sitk
     if mask.GetDimension() == 3 and reference.GetDimension() == 2 and mask.GetSize()[2] == 1:
         mask = mask[:, :, 0]
     if not same_grid(Grid.of(mask), Grid.of(reference)):
-        raise InputError(f"{path}: mask is not on the {role} image's grid (size/spacing/origin/direction)")
+        raise InputError(
+            f"{path}: mask is not on the {role} image's grid (size/spacing/origin/direction)"
+        )
     mask = sitk.Cast(mask != 0, sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(mask).any():
         raise InputError(f"{path}: mask is empty")
@@ -118,7 +120,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temporary_path)`` then move the result onto ``path`` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes)
+    )
     os.close(handle)
     try:
         write(temporary)

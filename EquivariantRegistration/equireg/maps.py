@@ -103,6 +103,8 @@ def evaluate(phi: Map, shape: Sequence[int], batch: int, like: torch.Tensor) -> 
     return phi(identity_grid(shape, batch, device=like.device, dtype=like.dtype))
 
 
-def warp(image: torch.Tensor, phi: Map, shape: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+def warp(
+    image: torch.Tensor, phi: Map, shape: Sequence[int], mode: str = "bilinear"
+) -> torch.Tensor:
     """``image ∘ φ`` on a grid of ``shape`` (the fixed grid): the warped moving image."""
     return sample(image, evaluate(phi, shape, image.shape[0], image), mode=mode)

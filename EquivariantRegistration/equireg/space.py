@@ -123,7 +123,9 @@ def resample_to_grid(
         target_spacing = source_size / np.asarray(grid.size)
         sigma = 0.5 * np.sqrt(np.clip(target_spacing**2 - np.asarray(source.spacing) ** 2, 0, None))
         if np.any(sigma > 0):
-            image = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigma.tolist())
+            image = sitk.SmoothingRecursiveGaussian(
+                sitk.Cast(image, sitk.sitkFloat32), sigma.tolist()
+            )
     return sitk.Resample(
         image, grid.reference_image(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32
     )
@@ -143,7 +145,9 @@ def physical_displacement(
     for start in range(0, len(points), chunk):
         block = points[start : start + chunk]
         coords = torch.as_tensor(
-            np.ascontiguousarray(fixed.physical_to_network(block)), dtype=like.dtype, device=like.device
+            np.ascontiguousarray(fixed.physical_to_network(block)),
+            dtype=like.dtype,
+            device=like.device,
         )
         coords = coords.T.reshape(1, output.dim, len(block), *([1] * (output.dim - 1)))
         with torch.no_grad():

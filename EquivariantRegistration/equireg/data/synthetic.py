@@ -14,13 +14,17 @@ import torch
 from ..maps import identity_grid, sample
 
 
-def smooth_noise(shape: tuple[int, ...], channels: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+def smooth_noise(
+    shape: tuple[int, ...], channels: int, scale: float, generator: torch.Generator
+) -> torch.Tensor:
     """Gaussian-smoothed white noise ``(1, channels, *shape)``, unit maximum amplitude."""
     noise = torch.randn(1, channels, *shape, generator=generator)
     spectrum = torch.fft.fftn(noise, dim=tuple(range(2, 2 + len(shape))))
     frequencies = torch.meshgrid(*[torch.fft.fftfreq(n) * n for n in shape], indexing="ij")
     radius2 = sum(f**2 for f in frequencies)
-    spectrum = spectrum * torch.exp(-0.5 * radius2 * (scale / max(shape)) ** 2 * (2 * math.pi) ** 2 / 4)
+    spectrum = spectrum * torch.exp(
+        -0.5 * radius2 * (scale / max(shape)) ** 2 * (2 * math.pi) ** 2 / 4
+    )
     field = torch.fft.ifftn(spectrum, dim=tuple(range(2, 2 + len(shape)))).real
     return field / field.abs().amax().clamp_min(1e-12)
 
@@ -83,8 +87,10 @@ def vessel_tree(
     height, width = shape
     vessels = np.zeros(shape)
     disc = np.array([height * rng.uniform(0.4, 0.6), width * rng.uniform(0.25, 0.4)])
-    branches = [(disc, angle, 0.2 * max(shape), 0.009 * max(shape) + 0.6, 0)
-                for angle in rng.uniform(0, 2 * math.pi, size=4)]  # fmt: skip
+    branches = [
+        (disc, angle, 0.2 * max(shape), 0.009 * max(shape) + 0.6, 0)
+        for angle in rng.uniform(0, 2 * math.pi, size=4)
+    ]
     while branches:
         start, angle, length, radius, level = branches.pop()
         for _ in range(4):  # a branch is a few short segments with a wandering direction
@@ -94,8 +100,15 @@ def vessel_tree(
             start = end
         if level < depth:
             for turn in (-1, 1):
-                branches.append((start, angle + turn * rng.uniform(0.3, 0.8),
-                                 length * rng.uniform(0.6, 0.8), max(radius * 0.72, 0.5), level + 1))  # fmt: skip
+                branches.append(
+                    (
+                        start,
+                        angle + turn * rng.uniform(0.3, 0.8),
+                        length * rng.uniform(0.6, 0.8),
+                        max(radius * 0.72, 0.5),
+                        level + 1,
+                    )
+                )
     return vessels, disc
 
 
@@ -106,7 +119,9 @@ def fundus_photograph(shape: tuple[int, int], rng: np.random.Generator) -> np.nd
     centre = np.array(shape) / 2
     radius = np.hypot(rows - centre[0], cols - centre[1]) / (0.5 * min(shape))
     background = 0.55 * np.clip(1.15 - radius**2 * 0.6, 0, 1) * (radius < 0.98)
-    optic_disc = 0.4 * np.exp(-((rows - disc[0]) ** 2 + (cols - disc[1]) ** 2) / (2 * (0.05 * min(shape)) ** 2))
+    optic_disc = 0.4 * np.exp(
+        -((rows - disc[0]) ** 2 + (cols - disc[1]) ** 2) / (2 * (0.05 * min(shape)) ** 2)
+    )
     image = background + optic_disc - 0.35 * vessels * (radius < 0.98)
     image += rng.normal(0, 0.01, size=shape)
     return np.clip(image, 0, 1).astype(np.float32)

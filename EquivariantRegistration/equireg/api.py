@@ -1,0 +1,447 @@
+"""``register(fixed, moving, ...) -> Result``: the entry point behind the command and the module.
+
+The result's transform maps fixed physical points (LPS mm) to moving physical points, the
+resampling convention of ITK, elastix, ANTs and Slicer's "from parent" transforms; warping the
+moving image with it onto the fixed grid gives ``Result.warped``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__, losses
+from .errors import InputError, RegistrationFailure
+from .evaluate import folding_fraction
+from .io import read_image, read_mask, write_image, write_transform
+from .maps import Map, compose, displacement_map, evaluate, identity_grid, sampled_map, warp
+from .models import ModelCard, load_network, read_card
+from .preprocess import network_input, network_mask, normalise_intensity
+from .space import Grid, physical_displacement, resample_to_grid
+
+Progress = Callable[[str, float, str], None]
+ImageLike = str | os.PathLike | sitk.Image
+
+REFINE_DIFFUSION_WEIGHT = 2.0  # LNCC + this × diffusion (voxel units) in instance optimisation
+
+OUTPUT_FILES = {
+    "transform": "transform.h5",
+    "displacement": "displacement.nrrd",
+    "warped": "warped.nrrd",
+    "report": "report.json",
+    "inverse_transform": "inverse_transform.h5",
+}
+
+
+@dataclass
+class Result:
+    """What one registration produced; ``save`` writes the files of design §3 atomically."""
+
+    transform: sitk.Transform
+    displacement: sitk.Image
+    warped: sitk.Image
+    report: dict[str, Any]
+    inverse_transform: sitk.Transform | None = None
+
+    def save(self, output_dir: str | os.PathLike) -> dict[str, str]:
+        """Write every output into a temporary folder, then move them into ``output_dir``."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".equireg-", dir=output_dir))
+        try:
+            write_transform(self.transform, staging / OUTPUT_FILES["transform"])
+            write_image(self.displacement, staging / OUTPUT_FILES["displacement"])
+            write_image(self.warped, staging / OUTPUT_FILES["warped"])
+            names = ["transform", "displacement", "warped", "report"]
+            if self.inverse_transform is not None:
+                write_transform(self.inverse_transform, staging / OUTPUT_FILES["inverse_transform"])
+                names.append("inverse_transform")
+            outputs = {name: str(output_dir / OUTPUT_FILES[name]) for name in names}
+            report = {**self.report, "outputs": outputs}
+            (staging / OUTPUT_FILES["report"]).write_text(json.dumps(report, indent=2) + "\n")
+            for name in names:
+                os.replace(staging / OUTPUT_FILES[name], output_dir / OUTPUT_FILES[name])
+            return outputs
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Fail early (``InputError``) when ``output_dir`` cannot be created or written."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"{output_dir}: output folder is an existing file")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".equireg-probe-", dir=output_dir)
+        os.rmdir(probe)
+    except OSError as error:
+        raise InputError(
+            f"{output_dir}: output folder cannot be written ({error.strerror})"
+        ) from None
+    return output_dir
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda[:N]`` must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"--device {spec}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"--device {spec}: only cpu and cuda devices are supported")
+    return device
+
+
+class _Stages:
+    """Turns per-stage progress into one overall fraction and records each stage's wall time."""
+
+    WEIGHTS = {"load": 1, "network": 3, "refine": 6, "field": 2, "warp": 1, "inverse": 6}
+
+    def __init__(self, progress: Progress | None, stages: list[str]):
+        self.progress = progress or (lambda *_: None)
+        total = sum(self.WEIGHTS[s] for s in stages)
+        self.start: dict[str, float] = {}
+        offset = 0.0
+        for stage in stages:
+            self.start[stage] = offset
+            offset += self.WEIGHTS[stage] / total
+        self.total = total
+        self.timings: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def enter(self, stage: str, message: str) -> None:
+        self._close()
+        self._current = (stage, time.perf_counter())
+        self.progress(stage, self.start[stage], message)
+
+    def update(self, stage: str, fraction: float, message: str) -> None:
+        done = self.start[stage] + fraction * self.WEIGHTS[stage] / self.total
+        self.progress(stage, min(done, 1.0), message)
+
+    def _close(self) -> None:
+        if self._current is not None:
+            stage, began = self._current
+            self.timings[stage] = round(
+                self.timings.get(stage, 0.0) + time.perf_counter() - began, 3
+            )
+            self._current = None
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        return self.timings
+
+
+def _as_image(image: ImageLike, notify: Callable[[str], None]) -> sitk.Image:
+    if isinstance(image, sitk.Image):
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return read_image(image, notify)
+
+
+def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.Image | None:
+    if mask is None:
+        return None
+    if isinstance(mask, sitk.Image):
+        mask_path = "<mask image>"
+        if Grid.of(mask).size != Grid.of(reference).size:
+            raise InputError(f"{mask_path}: mask is not on the {role} image's grid")
+        return sitk.Cast(mask != 0, sitk.sitkUInt8)
+    return read_mask(mask, reference, role)
+
+
+def _refine(
+    base: Map,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    steps: int,
+    fixed_mask: torch.Tensor | None,
+    report_step: Callable[[int], None],
+) -> Map:
+    """Instance optimisation: a displacement ψ (in voxels) composed after the network's map.
+
+    Minimises LNCC(moving ∘ Φ ∘ ψ, fixed) + λ·diffusion(ψ) with Adam; the network's map is
+    kept as it is, so the [W, U] equivariance of Φ carries over (the optimisation of ψ only
+    sees the already aligned pair).
+    """
+    shape = fixed.shape[2:]
+    scale = torch.tensor(shape, dtype=fixed.dtype, device=fixed.device).view(
+        1, -1, *[1] * len(shape)
+    )
+    voxels = torch.zeros(1, len(shape), *shape, device=fixed.device, requires_grad=True)
+    identity = identity_grid(shape, device=fixed.device)
+    optimiser = torch.optim.Adam([voxels], lr=0.1)
+    weight = fixed_mask if fixed_mask is not None else 1.0
+    with torch.enable_grad():
+        for step in range(steps):
+            optimiser.zero_grad()
+            phi = compose(base, displacement_map(voxels / scale))
+            moved = warp(moving, phi, shape)
+            smoothness = losses.diffusion(identity + voxels / scale)
+            loss = (
+                losses.lncc(moved * weight, fixed * weight) + REFINE_DIFFUSION_WEIGHT * smoothness
+            )
+            loss.backward()
+            optimiser.step()
+            report_step(step)
+    refined = compose(base, displacement_map(voxels.detach() / scale))
+    return sampled_map(evaluate(refined, shape, 1, fixed))
+
+
+def _network_map(
+    network: torch.nn.Module,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """Φ[moving, fixed] on the fixed network grid, float32 ``(1, d, *shape)``."""
+    network = network.to(device)
+    moving, fixed = moving.to(device), fixed.to(device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    with torch.no_grad(), autocast:
+        phi = network(moving, fixed)
+        values = evaluate(phi, fixed.shape[2:], 1, fixed)
+    return values.float()
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
+    weight = mask if mask is not None else 1.0
+    with torch.no_grad():
+        return {
+            "lncc": round(1.0 - float(losses.lncc(a * weight, b * weight)), 5),
+            "mse": round(float(losses.mse(a * weight, b * weight)), 6),
+        }
+
+
+def _displacement_image(values: np.ndarray, grid: Grid) -> sitk.Image:
+    image = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
+    return grid.stamp(image)
+
+
+def _one_direction(
+    network: torch.nn.Module,
+    card: ModelCard,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+    device: torch.device,
+    refine_steps: int,
+    field_grid: str,
+    stages: _Stages,
+    stage_names: tuple[str, str, str],
+) -> tuple[sitk.Image, dict[str, Any], list[str]]:
+    """Run the network (and refinement) for one direction; returns the physical field."""
+    network_stage, refine_stage, field_stage = stage_names
+    warnings: list[str] = []
+    shape = card.input_shape
+    fixed_net, fixed_grid = network_input(fixed, shape, card.preprocessing, fixed_mask)
+    moving_net, moving_grid = network_input(moving, shape, card.preprocessing, moving_mask)
+    mask_net = network_mask(fixed_mask, shape) if fixed_mask is not None else None
+
+    stages.enter(network_stage, f"running {card.name} on {device}")
+    try:
+        values = _network_map(network, moving_net, fixed_net, device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        warnings.append(f"CUDA ran out of memory on {device}; fell back to the CPU")
+        device = torch.device("cpu")
+        try:
+            values = _network_map(network, moving_net, fixed_net, device)
+        except RuntimeError as error:
+            raise RegistrationFailure(
+                f"out of memory on CUDA, and the CPU failed too: {error}"
+            ) from None
+    compute = values.device
+    fixed_net, moving_net = fixed_net.to(compute), moving_net.to(compute)
+    mask_net = mask_net.to(compute) if mask_net is not None else None
+    phi = sampled_map(values)
+
+    if refine_steps > 0:
+        stages.enter(refine_stage, f"instance optimisation, {refine_steps} steps")
+
+        def report_step(step: int) -> None:
+            stages.update(
+                refine_stage, (step + 1) / refine_steps, f"step {step + 1}/{refine_steps}"
+            )
+
+        phi = _refine(phi, moving_net, fixed_net, refine_steps, mask_net, report_step)
+
+    stages.enter(field_stage, "computing the displacement field")
+    moving_on_fixed = sitk.GetArrayFromImage(resample_to_grid(moving, fixed_grid))
+    before = torch.from_numpy(normalise_intensity(moving_on_fixed, card.preprocessing))[None, None]
+    after = warp(moving_net, phi, shape)
+    quality = {
+        "similarity_before": _similarity(before.to(compute), fixed_net, mask_net),
+        "similarity_after": _similarity(after, fixed_net, mask_net),
+        "device": str(device),
+    }
+    output_grid = fixed_grid if field_grid == "network" else Grid.of(fixed)
+    field_values = physical_displacement(phi, fixed_grid, moving_grid, output_grid, like=values)
+    quality["folding_fraction"] = folding_fraction(
+        field_values, output_grid.spacing, output_grid.direction
+    )
+    if quality["folding_fraction"] > 0.01:
+        warnings.append(
+            f"{100 * quality['folding_fraction']:.1f}% of the field folds (Jacobian det ≤ 0)"
+        )
+    return _displacement_image(field_values, output_grid), quality, warnings
+
+
+def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # DisplacementFieldTransform takes ownership of (and empties) the image it is given.
+    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    peak = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    model: str = "auto",
+    device: str = "auto",
+    initial: str = "none",
+    refine_steps: int = 0,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    inverse: bool = False,
+    field_grid: str = "network",
+    progress: Progress | None = None,
+) -> Result:
+    """Register ``moving`` to ``fixed`` (paths or SimpleITK images) with a bundled model.
+
+    ``model`` is ``auto`` (by dimension), a preset name or a weights path; ``refine_steps`` adds
+    instance optimisation; masks (on their image's grid) restrict what the network and the
+    similarity see; ``inverse`` also computes the moving -> fixed transform by running the
+    network with swapped inputs; ``field_grid`` is ``network`` (the model's resolution over the
+    fixed extent, default) or ``fixed`` (the fixed image's own grid). ``progress(stage,
+    fraction, message)`` is called as work proceeds. Raises ``InputError`` for bad input.
+    """
+    if initial != "none":
+        raise InputError(f"--initial {initial}: only 'none' is available in this version")
+    if refine_steps < 0:
+        raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
+    if field_grid not in ("network", "fixed"):
+        raise InputError(f"field grid {field_grid!r}: must be 'network' or 'fixed'")
+    notices: list[str] = []
+    stage_list = ["load", "network"] + (["refine"] if refine_steps else []) + ["field", "warp"]
+    stage_list += ["inverse"] if inverse else []
+    stages = _Stages(progress, stage_list)
+    stages.enter("load", "reading images and model")
+
+    torch_device = resolve_device(device)
+    fixed_image = _as_image(fixed, notices.append)
+    moving_image = _as_image(moving, notices.append)
+    if fixed_image.GetDimension() != moving_image.GetDimension():
+        raise InputError(
+            f"{moving if not isinstance(moving, sitk.Image) else 'moving image'}: "
+            f"{moving_image.GetDimension()}-D but the fixed image is {fixed_image.GetDimension()}-D"
+        )
+    fixed_mask_image = _as_mask(fixed_mask, fixed_image, "fixed")
+    moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
+    card = read_card(model, fixed_image.GetDimension())
+    network = load_network(card)
+    if not card.trained:
+        notices.append(
+            f"model {card.name} is UNTRAINED (random weights): results are not meaningful"
+        )
+
+    displacement, quality, warnings = _one_direction(
+        network,
+        card,
+        fixed_image,
+        moving_image,
+        fixed_mask_image,
+        moving_mask_image,
+        torch_device,
+        refine_steps,
+        field_grid,
+        stages,
+        ("network", "refine", "field"),
+    )
+    transform = _field_transform(displacement)
+
+    stages.enter("warp", "resampling the moving image")
+    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0)
+
+    inverse_transform = None
+    if inverse:
+        stages.enter("inverse", "registering with swapped inputs for the inverse")
+        inverse_stages = _Stages(None, ["network", "refine", "field"])
+        inverse_field, _, inverse_warnings = _one_direction(
+            network,
+            card,
+            moving_image,
+            fixed_image,
+            moving_mask_image,
+            fixed_mask_image,
+            torch_device,
+            refine_steps,
+            field_grid,
+            inverse_stages,
+            ("network", "refine", "field"),
+        )
+        warnings += inverse_warnings
+        inverse_transform = _field_transform(inverse_field)
+
+    timings = stages.finish()
+    report = {
+        "equireg_version": __version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "SimpleITK": sitk.Version_VersionString(),
+            "numpy": np.__version__,
+        },
+        "model": {"name": card.name, "trained": card.trained, "sha256": card.data.get("sha256")},
+        "inputs": {
+            "fixed": str(fixed) if not isinstance(fixed, sitk.Image) else "<image>",
+            "moving": str(moving) if not isinstance(moving, sitk.Image) else "<image>",
+            "fixed_size": list(fixed_image.GetSize()),
+            "moving_size": list(moving_image.GetSize()),
+        },
+        "options": {
+            "initial": initial,
+            "refine_steps": refine_steps,
+            "field_grid": field_grid,
+            "inverse": inverse,
+            "fixed_mask": fixed_mask is not None,
+            "moving_mask": moving_mask is not None,
+        },
+        **quality,
+        "timings_s": timings,
+        "peak_memory": _peak_memory(torch.device(quality["device"])),
+        "warnings": notices + warnings,
+    }
+    if progress is not None:
+        for message in notices + warnings:
+            progress("warning", 1.0, message)
+    return Result(transform, displacement, warped, report, inverse_transform)

@@ -1,0 +1,206 @@
+"""The ``equireg`` command (design §4): argument parsing, progress and exit codes only.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the file and the
+problem), 3 runtime failure. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import InputError
+
+EXIT_OK, EXIT_INPUT, EXIT_FAILURE = 0, 2, 3
+
+
+def _progress_printer(
+    mode: str,
+) -> tuple[Callable[[str, float, str], None] | None, Callable[[], None]]:
+    """A progress callback for ``--progress`` and a function that closes it."""
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "none"
+    if mode == "json":
+
+        def emit(stage: str, fraction: float, message: str) -> None:
+            line = {"stage": stage, "progress": round(fraction, 4), "message": message}
+            print(json.dumps(line), flush=True)
+
+        return emit, lambda: None
+    if mode == "bar":
+        bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}")
+
+        def update(stage: str, fraction: float, message: str) -> None:
+            if stage == "warning":
+                tqdm.write(f"equireg: warning: {message}", file=sys.stderr)
+                return
+            bar.set_description(f"{stage}: {message}"[:50])
+            bar.n = int(fraction * 1000)
+            bar.refresh()
+
+        return update, bar.close
+    return None, lambda: None
+
+
+def _register(args: argparse.Namespace) -> int:
+    from .api import check_output_dir, register
+
+    output_dir = check_output_dir(args.output_dir)
+    progress, close = _progress_printer(args.progress)
+    try:
+        result = register(
+            args.fixed,
+            args.moving,
+            model=args.model,
+            device=args.device,
+            initial=args.initial,
+            refine_steps=args.refine_steps,
+            fixed_mask=args.fixed_mask,
+            moving_mask=args.moving_mask,
+            inverse=args.inverse,
+            field_grid=args.field_grid,
+            progress=progress,
+        )
+        outputs = result.save(output_dir)
+    finally:
+        close()
+    if args.progress == "json":
+        print(json.dumps({"stage": "done", "progress": 1.0, "outputs": outputs}), flush=True)
+    else:
+        if args.progress != "bar":  # the bar printed warnings as they came
+            for warning in result.report["warnings"]:
+                print(f"equireg: warning: {warning}", file=sys.stderr)
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def _warp(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .io import read_transform, write_image
+
+    def read(path: str, what: str) -> sitk.Image:
+        try:
+            return sitk.ReadImage(path)
+        except RuntimeError:
+            raise InputError(f"{path}: cannot read the {what} image") from None
+
+    image, reference = read(args.image, "input"), read(args.reference, "reference")
+    transform = read_transform(args.transform)
+    if image.GetDimension() != transform.GetDimension():
+        raise InputError(
+            f"{args.transform}: {transform.GetDimension()}-D transform for a "
+            f"{image.GetDimension()}-D image"
+        )
+    interpolator = sitk.sitkNearestNeighbor if args.interpolation == "nearest" else sitk.sitkLinear
+    warped = sitk.Resample(image, reference, transform, interpolator, 0.0)
+    write_image(warped, args.output)
+    print(f"warped: {args.output}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, device=args.device, refine_steps=args.refine_steps)
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .api import resolve_device
+    from .train import load_config, train
+
+    config = load_config(args.config)
+    progress = tqdm(desc="training", file=sys.stderr, disable=args.progress == "none")
+
+    def report(step: int, parts: dict[str, float]) -> None:
+        progress.n = step
+        progress.set_postfix(loss=f"{parts['total']:.4f}", refresh=False)
+        progress.refresh()
+
+    try:
+        card = train(config, args.output_dir, resolve_device(args.device), args.steps, report)
+    finally:
+        progress.close()
+    print(f"model card: {card}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="equireg", description="Equivariant deep image registration (fixed ← moving)."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reg = commands.add_parser("register", help="register MOVING to FIXED")
+    reg.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA, DICOM folder, PNG/JPEG)")
+    reg.add_argument("moving", help="moving image")
+    reg.add_argument("-o", "--output-dir", required=True, help="folder for the outputs")
+    reg.add_argument("--model", default="auto", help="auto, a bundled name, or a .pt path")
+    reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    reg.add_argument("--initial", default="none", choices=["none"], help="initial alignment")
+    reg.add_argument("--refine-steps", type=int, default=0, help="instance optimisation steps")
+    reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
+    reg.add_argument("--moving-mask", help="mask on the moving image's grid")
+    reg.add_argument("--inverse", action="store_true", help="also write inverse_transform.h5")
+    reg.add_argument(
+        "--field-grid",
+        default="network",
+        choices=["network", "fixed"],
+        help="grid of displacement.nrrd: the model's resolution (default) or the fixed image's",
+    )
+    reg.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    reg.set_defaults(run=_register)
+
+    warp = commands.add_parser("warp", help="resample IMAGE through a transform onto a reference")
+    warp.add_argument("image")
+    warp.add_argument("--transform", required=True, help="ITK transform (fixed -> moving)")
+    warp.add_argument("--reference", required=True, help="image whose grid the output takes")
+    warp.add_argument("-o", "--output", required=True)
+    warp.add_argument("--interpolation", default="linear", choices=["linear", "nearest"])
+    warp.set_defaults(run=_warp)
+
+    demo = commands.add_parser("demo", help="register the bundled sample pair(s)")
+    demo.add_argument("-o", "--output-dir", default="demo-output")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--refine-steps", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="train (or continue training) a model")
+    train.add_argument("config", type=Path, help="training configuration (JSON, see configs/)")
+    train.add_argument("-o", "--output-dir", type=Path, required=True, help="checkpoint folder")
+    train.add_argument("--steps", type=int, help="total steps (overrides the config)")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--progress", default="bar", choices=["bar", "none"])
+    train.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        if args.debug:
+            raise
+        print(f"equireg: error: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("equireg: cancelled", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line for users, traceback with --debug
+        if args.debug:
+            raise
+        print(f"equireg: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Bundled models: a JSON model card beside each weights file (design §6).
+
+A model is named by a preset (``retina2d``, ``lung3d``), ``auto`` (the preset for the image's
+dimension), or a path to a ``.pt`` state dict with its card at the same path with ``.json``.
+Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..compose import RegistrationStep
+from ..errors import InputError
+
+MODELS_DIR = Path(__file__).resolve().parent
+PRESETS = {2: "retina2d", 3: "lung3d"}
+
+
+@dataclass
+class ModelCard:
+    """What a model is and how to feed it; stored as ``NAME.json`` beside ``NAME.pt``."""
+
+    path: Path  # the card's own path
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.data["dim"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data["input_shape"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.data["preprocessing"]
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return self.data["architecture"]
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.data.get("trained", False))
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path.parent / self.data["weights"]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_card(spec: str, dim: int | None = None) -> ModelCard:
+    """Resolve ``spec`` (``auto``, a preset name, or a path to weights or a card) to its card."""
+    if spec == "auto":
+        if dim not in PRESETS:
+            raise InputError(f"model auto: no bundled model for {dim}-D images")
+        spec = PRESETS[dim]
+    if os.sep in spec or spec.endswith((".pt", ".json")):
+        card_path = Path(spec).with_suffix(".json")
+        if not card_path.is_file():
+            raise InputError(f"{card_path}: model card not found (expected beside the weights)")
+    else:
+        card_path = MODELS_DIR / f"{spec}.json"
+        if not card_path.is_file():
+            known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.json")))
+            raise InputError(f"model {spec}: unknown model name (bundled: {known})")
+    try:
+        card = ModelCard(card_path, json.loads(card_path.read_text()))
+        _ = (card.name, card.dim, card.input_shape, card.preprocessing, card.architecture)
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{card_path}: invalid model card ({error})") from None
+    if dim is not None and card.dim != dim:
+        raise InputError(f"model {card.name}: is a {card.dim}-D model but the images are {dim}-D")
+    return card
+
+
+def load_network(card: ModelCard) -> RegistrationStep:
+    """Build the card's architecture and load its weights (sha256 checked, weights_only)."""
+    from ..nn.builder import build_network
+
+    weights = card.weights_path
+    if not weights.is_file():
+        raise InputError(f"{weights}: weights file of model {card.name} not found")
+    expected = card.data.get("sha256")
+    if expected and sha256_of(weights) != expected:
+        raise InputError(
+            f"{weights}: sha256 does not match the model card; the file is corrupt or was replaced"
+        )
+    network = build_network(card.architecture)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - any unpickling/shape error means bad weights
+        raise InputError(f"{weights}: cannot load weights into {card.name} ({error})") from None
+    return network.eval()
+
+
+def save_model(network: RegistrationStep, card_data: dict[str, Any], directory: Path) -> ModelCard:
+    """Write ``NAME.pt`` and ``NAME.json`` (with the weights' sha256) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{card_data['name']}.pt"
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
+    data = {**card_data, "weights": weights.name, "sha256": sha256_of(weights)}
+    card_path = directory / f"{card_data['name']}.json"
+    card_path.write_text(json.dumps(data, indent=2) + "\n")
+    return ModelCard(card_path, data)

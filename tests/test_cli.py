@@ -1,0 +1,325 @@
+"""The command's contract (design §3-§4): outputs, transform convention, progress, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import equireg.api
+from equireg.cli import main
+from equireg.compose import RegistrationStep
+from equireg.maps import Map
+from equireg.models import MODELS_DIR
+
+OUTPUTS = {"transform.h5", "displacement.nrrd", "warped.nrrd", "report.json"}
+
+
+def _blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A smooth random image with structure everywhere (for registration)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    image = np.zeros(shape)
+    for _ in range(12):
+        centre = rng.uniform(0.1, 0.9, len(shape))
+        width = rng.uniform(0.05, 0.15)
+        image += np.exp(
+            -sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2)
+        )
+    return (100 * image).astype(np.float32)
+
+
+def _write(array: np.ndarray, path: Path, spacing=None, origin=None) -> Path:
+    image = sitk.GetImageFromArray(array, isVector=False)  # a 4-D array stays a 4-D image
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    if origin is not None:
+        image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_2d(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pair2d")
+    fixed = _write(_blobs((96, 80)), folder / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))
+    moving = _write(_blobs((96, 80), seed=0), folder / "moving.nrrd", (0.5, 0.75), (12.0, -4.0))
+    return fixed, moving
+
+
+@pytest.fixture(scope="module")
+def registered_2d(pair_2d: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "result"
+    assert (
+        main(
+            [
+                "register",
+                str(pair_2d[0]),
+                str(pair_2d[1]),
+                "-o",
+                str(out),
+                "--inverse",
+                "--progress",
+                "none",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_register_writes_every_output_and_nothing_else(registered_2d: Path) -> None:
+    assert {p.name for p in registered_2d.iterdir()} == OUTPUTS | {"inverse_transform.h5"}
+    report = json.loads((registered_2d / "report.json").read_text())
+    for key in (
+        "versions",
+        "model",
+        "timings_s",
+        "peak_memory",
+        "similarity_before",
+        "similarity_after",
+        "folding_fraction",
+        "warnings",
+        "device",
+    ):
+        assert key in report
+    assert report["device"] == "cpu"
+
+
+def test_transform_file_reproduces_warped_image_through_simpleitk(
+    pair_2d: tuple[Path, Path], registered_2d: Path
+) -> None:
+    fixed, moving = (sitk.ReadImage(str(p), sitk.sitkFloat32) for p in pair_2d)
+    transform = sitk.ReadTransform(str(registered_2d / "transform.h5"))
+    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
+    warped = sitk.ReadImage(str(registered_2d / "warped.nrrd"))
+    assert Grid_equal(warped, fixed)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(warped), atol=1e-3
+    )
+
+
+def Grid_equal(a: sitk.Image, b: sitk.Image) -> bool:  # noqa: N802 - reads as a predicate
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin())
+        and np.allclose(a.GetSpacing(), b.GetSpacing())
+    )
+
+
+def test_displacement_file_is_the_transform(registered_2d: Path) -> None:
+    field = sitk.ReadImage(str(registered_2d / "displacement.nrrd"))
+    transform = sitk.ReadTransform(str(registered_2d / "transform.h5"))
+    values = sitk.GetArrayFromImage(field)
+    for index in [(3, 4), (40, 30), (60, 70)]:
+        point = field.TransformIndexToPhysicalPoint(index)
+        expected = np.array(transform.TransformPoint(point)) - np.array(point)
+        np.testing.assert_allclose(values[index[1], index[0]], expected, atol=1e-6)
+
+
+class _KnownShift(RegistrationStep):
+    """Returns the map x ↦ x + t (network units): stands in for the network in convention tests."""
+
+    def __init__(self, shift: tuple[float, ...]):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        offset = torch.tensor(self.shift, dtype=fixed.dtype).view(1, -1, *[1] * (fixed.dim() - 2))
+        return lambda coords: coords + offset
+
+
+def test_network_translation_becomes_the_right_physical_translation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network map shifting by (+0.125 along y, −0.05 along x) of the extent is, on a 96×80
+    grid with spacing (0.5, 0.75) mm, a transform T(p) = p + (−2.0, +9.0) mm (x, y), i.e. 12
+    rows and −4 columns, and warping the moving image with it samples moving at p + t."""
+    fixed = _write(_blobs((96, 80)), tmp_path / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))
+    monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.125, -0.05)))
+    result = equireg.api.register(fixed, fixed, field_grid="fixed")
+    expected = np.array([-2.0, 9.0])
+    for point in ([20.0, 10.0], [30.0, 40.0]):
+        np.testing.assert_allclose(
+            np.array(result.transform.TransformPoint(point)) - point, expected, atol=1e-4
+        )
+    image = sitk.ReadImage(str(fixed))
+    warped = sitk.GetArrayFromImage(result.warped)
+    shifted = np.roll(sitk.GetArrayFromImage(image), shift=(-12, 4), axis=(0, 1))
+    inner = (slice(15, -15), slice(10, -10))
+    np.testing.assert_allclose(warped[inner], shifted[inner], atol=1e-2)
+
+
+def test_json_progress_lines(
+    pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "json"
+    assert (
+        main(
+            [
+                "register",
+                str(pair_2d[0]),
+                str(pair_2d[1]),
+                "-o",
+                str(out),
+                "--progress",
+                "json",
+                "--refine-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stages = [line["stage"] for line in lines]
+    assert {"load", "network", "refine", "field", "warp"} <= set(stages)
+    progress = [line["progress"] for line in lines if line["stage"] != "warning"]
+    assert progress == sorted(progress) and 0 <= progress[0] and progress[-1] == 1.0
+    assert lines[-1]["stage"] == "done"
+    assert set(Path(p).name for p in lines[-1]["outputs"].values()) == OUTPUTS
+
+
+def test_warp_command_with_nearest_keeps_labels(
+    pair_2d: tuple[Path, Path], registered_2d: Path, tmp_path: Path
+) -> None:
+    labels = (_blobs((96, 80)) > 40).astype(np.uint8) * 3
+    label_path = _write(labels, tmp_path / "labels.nrrd", (0.5, 0.75), (12.0, -4.0))
+    out = tmp_path / "warped_labels.nrrd"
+    assert (
+        main(
+            [
+                "warp",
+                str(label_path),
+                "--transform",
+                str(registered_2d / "transform.h5"),
+                "--reference",
+                str(pair_2d[0]),
+                "-o",
+                str(out),
+                "--interpolation",
+                "nearest",
+            ]
+        )
+        == 0
+    )
+    values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    assert set(values.tolist()) <= {0, 3}
+
+
+def _corrupt_model(tmp_path: Path) -> str:
+    for suffix in (".json", ".pt"):
+        shutil.copy(MODELS_DIR / f"retina2d{suffix}", tmp_path / f"retina2d{suffix}")
+    with open(tmp_path / "retina2d.pt", "r+b") as stream:
+        stream.seek(200)
+        stream.write(b"\x00garbage")
+    return str(tmp_path / "retina2d.pt")
+
+
+BAD_INPUTS = {
+    "missing file": (lambda d, f, m: [str(d / "nope.nrrd"), m], "nope.nrrd: no such file"),
+    "unreadable": (lambda d, f, m: [f, str(_junk(d))], "junk.nrrd: cannot be read"),
+    "constant": (
+        lambda d, f, m: [f, str(_write(np.ones((20, 20), np.float32), d / "flat.nrrd"))],
+        "constant",
+    ),
+    "nan": (
+        lambda d, f, m: [str(_write(np.full((20, 20), np.nan, np.float32), d / "nan.nrrd")), m],
+        "NaN",
+    ),
+    "4-D": (
+        lambda d, f, m: [f, str(_write(np.zeros((3, 4, 5, 6), np.float32), d / "four.nii.gz"))],
+        "4-D",
+    ),
+    "2-D vs 3-D": (
+        lambda d, f, m: [f, str(_write(_blobs((12, 14, 16)), d / "vol.nrrd"))],
+        "3-D but the fixed image is 2-D",
+    ),
+    "3-D model for 2-D": (
+        lambda d, f, m: [f, m, "--model", "lung3d"],
+        "lung3d: is a 3-D model but the images are 2-D",
+    ),
+    "unknown model": (lambda d, f, m: [f, m, "--model", "nosuch"], "nosuch: unknown model name"),
+    "bad sha256": (lambda d, f, m: [f, m, "--model", _corrupt_model(d)], "sha256 does not match"),
+    "mask on other grid": (
+        lambda d, f, m: [
+            f,
+            m,
+            "--fixed-mask",
+            str(_write(np.ones((10, 10), np.uint8), d / "mask.nrrd")),
+        ],
+        "mask.nrrd: mask is not on the fixed image's grid",
+    ),
+}
+
+
+def _junk(folder: Path) -> Path:
+    (folder / "junk.nrrd").write_text("this is not an image")
+    return folder / "junk.nrrd"
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_outputs(
+    case: str, pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    make_args, expected = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out = tmp_path / "out"
+    code = main(
+        [
+            "register",
+            *make_args(inputs, str(pair_2d[0]), str(pair_2d[1])),
+            "-o",
+            str(out),
+            "--progress",
+            "none",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and expected in err[0] and err[0].startswith("equireg: error: ")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_output_folder_exits_2(
+    pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["register", str(pair_2d[0]), str(pair_2d[1]), "-o", str(blocker / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "output folder cannot be written" in err[0]
+
+
+def test_module_entry_point_and_exit_code(tmp_path: Path) -> None:
+    """``python -m equireg`` is what the Slicer module launches; usage errors exit 2."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "equireg",
+            "register",
+            str(tmp_path / "x.nrrd"),
+            str(tmp_path / "y.nrrd"),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        run.returncode == 2
+        and run.stderr.strip() == f"equireg: error: {tmp_path / 'x.nrrd'}: no such file or folder"
+    )
+    usage = subprocess.run(
+        [sys.executable, "-m", "equireg", "register"], capture_output=True, text=True, timeout=120
+    )
+    assert usage.returncode == 2
