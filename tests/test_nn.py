@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from equireg.compose import DisplacementStep, Downsample, RegistrationStep
+from equireg.compose import DisplacementStep, Downsample
+from equireg.evaluate import equivariance_error
 from equireg.maps import evaluate, identity_grid
 from equireg.nn.attention import AttentionInversion, _fused_attention, attention
 from equireg.nn.builder import (
@@ -26,8 +27,10 @@ from equireg.nn.unet import UNet
 # zero padding) and keys that a periodic shift wraps around. Equivariance is only exact where
 # the attention is sharp, so the equivariance tests raise the temperature until it is.
 SHARP_TEMPERATURE = 1e5
-# Largest allowed |Φ' - W⁻¹∘Φ∘U| in voxels (of the resolution that is compared).
-EQUIVARIANCE_TOLERANCE = 0.01
+# Largest allowed mean |Φ[A∘W, B∘U] - W⁻¹∘Φ[A, B]∘U| in voxels (``equireg.evaluate``), over
+# the voxels at least a margin from every border: rolled images differ near the borders by the
+# zero padding the features see and by the content the roll wraps around.
+EQUIVARIANCE_TOLERANCE = 1e-3
 
 
 def reference_attention(query, key, value):
@@ -55,45 +58,6 @@ def smooth_periodic_image(shape: list[int], sigma: float, seed: int) -> torch.Te
 def translate(tensor: torch.Tensor, shift: list[int]) -> torch.Tensor:
     """``f ∘ T`` for ``T(x) = x + shift`` (voxels), periodically: ``out[i] = f[i + shift]``."""
     return torch.roll(tensor, shifts=[-s for s in shift], dims=list(range(2, tensor.dim())))
-
-
-def equivariance_error(
-    step: RegistrationStep,
-    moving: torch.Tensor,
-    fixed: torch.Tensor,
-    w: list[int],
-    u: list[int],
-    correspondence: list[int],
-    margin: int,
-) -> float:
-    """Largest ``|Φ[A∘W, B∘U](x) - (Φ[A, B](x + u) - w)|`` in voxels, ``W(x) = x + w``.
-
-    Compared at the voxels ``x`` for which ``x``, ``x + u`` and the corresponding moving voxels
-    of both registrations (``fixed`` is ``moving`` shifted by ``correspondence``) lie at least
-    ``margin`` voxels inside the image: elsewhere the shifted images differ by what the zero
-    padding and the periodic wrap-around put there.
-    """
-    shape = list(fixed.shape[2:])
-    with torch.no_grad():
-        phi = evaluate(step(moving, fixed), shape, 1, fixed)
-        phi_shifted = evaluate(step(translate(moving, w), translate(fixed, u)), shape, 1, fixed)
-    w_network = torch.tensor([wk / n for wk, n in zip(w, shape, strict=True)])
-    expected = translate(phi, u) - w_network.view(1, -1, *[1] * len(shape))
-    error = ((phi_shifted - expected) * torch.tensor(shape).view(1, -1, *[1] * len(shape))).abs()
-    inside = torch.ones(shape, dtype=torch.bool)
-    for axis, n in enumerate(shape):
-        index = torch.arange(n)
-        ok = torch.ones(n, dtype=torch.bool)
-        for offset in (
-            0,
-            u[axis],
-            u[axis] + correspondence[axis],
-            u[axis] + correspondence[axis] - w[axis],
-        ):
-            ok &= (index + offset >= margin) & (index + offset < n - margin)
-        inside &= ok.view(*[-1 if a == axis else 1 for a in range(len(shape))])
-    assert inside.sum() > 100, "the comparison region is too small"
-    return float(error.amax(dim=1)[0][inside].max())
 
 
 def randomise_unet_outputs(network: torch.nn.Module, seed: int) -> None:
@@ -182,23 +146,20 @@ def test_attention_rejects_inconsistent_shapes():
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_attention_inversion_is_equivariant_to_independent_shifts(dim):
-    """``Ξ[A∘W, B∘U] = W⁻¹ ∘ Ξ[A, B] ∘ U`` for any integer shifts, on the layer's own grid."""
+    """``Ξ[A∘W, B∘U] = W⁻¹ ∘ Ξ[A, B] ∘ U`` for any whole-voxel shifts, on the layer's own grid."""
     torch.manual_seed(0)
-    n, dilations, margin = (32, [1, 2], 7) if dim == 2 else (16, [1], 3)
+    n, dilations, margin = (48, [1, 2], 12) if dim == 2 else (20, [1], 6)
     featurizer = Featurizer(dim, width=16, dilations=dilations, out_channels=32)
     layer = AttentionInversion(featurizer, pad=4, temperature=SHARP_TEMPERATURE)
     moving = smooth_periodic_image([n] * dim, sigma=0.75, seed=1)
-    correspondence = [1] * dim
-    fixed = translate(moving, correspondence)
-    w, u = [2, -3, 1][:dim], [-1, 2, 0][:dim]
-    error = equivariance_error(layer, moving, fixed, w, u, correspondence, margin)
-    assert error < EQUIVARIANCE_TOLERANCE
+    fixed = translate(moving, [1] * dim)
+    w, u = (2, -3, 1)[:dim], (-1, 2, 0)[:dim]
+    assert equivariance_error(layer, moving, fixed, w, u, margin) < EQUIVARIANCE_TOLERANCE
 
 
 # Per dimension: image size, the test network (small, so the test is fast), shifts that are
-# multiples of both networks' coarsest stride and the margin the comparison leaves out (the
-# featurizer's and U-Nets' reach from the border). ``correspondence`` cancels part of ``u`` so
-# that the compared region stays large.
+# multiples of both networks' coarsest stride, and the margin that leaves out the reach of the
+# borders through the featurizer and the U-Nets.
 NETWORK_CASES = {
     2: {
         "size": 192,
@@ -212,10 +173,9 @@ NETWORK_CASES = {
             "unet": {"channels": [4, 8, 16]},  # strides: attention 4, U-Nets 8, baseline 16
             "extra_full_resolution_step": True,
         },
-        "correspondence": [-16, 16],
-        "w": [0, 16],
-        "u": [16, -16],
-        "margin": 56,
+        "w": (0, 16),
+        "u": (16, -16),
+        "margin": 64,
     },
     3: {
         "size": 64,
@@ -229,9 +189,8 @@ NETWORK_CASES = {
             "unet": {"channels": [4, 8]},  # strides: attention 4, U-Nets 4, baseline 8
             "extra_full_resolution_step": False,
         },
-        "correspondence": [-8, 8, 4],
-        "w": [0, 8, 8],
-        "u": [8, -8, 0],
+        "w": (0, 8, 8),
+        "u": (8, -8, 0),
         "margin": 24,
     },
 }
@@ -240,20 +199,21 @@ NETWORK_CASES = {
 @pytest.mark.parametrize("dim", [2, 3])
 def test_network_is_equivariant_and_the_unet_baseline_is_not(dim):
     """The composed network with random weights satisfies ``Φ[A∘W, B∘U] = W⁻¹∘Φ[A, B]∘U`` for
-    ``W ≠ U``; the displacement-only network, built from the same steps, does not."""
+    ``W ≠ U``; the displacement-only network, built from the same steps, misses by about the
+    shift between the images."""
     case = NETWORK_CASES[dim]
     moving = smooth_periodic_image([case["size"]] * dim, sigma=3.0, seed=2)
-    fixed = translate(moving, case["correspondence"])
+    fixed = translate(moving, [4] * dim)
     errors = {}
     for builder in (build_network, build_unet_only):
         torch.manual_seed(0)
         network = builder(case["config"]).eval()
         randomise_unet_outputs(network, seed=3)
         errors[builder.__name__] = equivariance_error(
-            network, moving, fixed, case["w"], case["u"], case["correspondence"], case["margin"]
+            network, moving, fixed, case["w"], case["u"], case["margin"]
         )
     assert errors["build_network"] < EQUIVARIANCE_TOLERANCE, errors
-    assert errors["build_unet_only"] > 100 * EQUIVARIANCE_TOLERANCE, errors
+    assert errors["build_unet_only"] > 1000 * EQUIVARIANCE_TOLERANCE, errors
 
 
 # --- shapes, identity at initialisation, composition ------------------------------------------
