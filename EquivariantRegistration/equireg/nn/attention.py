@@ -90,6 +90,12 @@ def _exponent_floor(span: float, dtype: torch.dtype) -> float | None:
     return floor if span > -floor else None
 
 
+def _even_part(total: int, limit: int) -> int:
+    """The size of the fewest equal parts of at most ``limit`` that cover ``total``: no thin last
+    part, which would run far below the throughput of the others."""
+    return -(-total // -(-total // limit))
+
+
 def _row_maxima(query2: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Exact ``max_j query2_i · key_j`` for each row, one score block at a time."""
     block = QUERIES_PER_THREAD * torch.get_num_threads()
@@ -127,17 +133,16 @@ def _shifted_sums(
     values_t = torch.zeros(rows, m, dtype=query2.dtype, device=query2.device)
     values_t[:dv] = value.T
     values_t[dv] = 1
+    chunk = _even_part(m, KEY_CHUNK)
     key_chunks = [
         (
-            keys[k0 : k0 + KEY_CHUNK].expand(threads, -1, -1),
-            values_t[:, k0 : k0 + KEY_CHUNK].expand(threads, -1, -1),
+            keys[k0 : k0 + chunk].expand(threads, -1, -1),
+            values_t[:, k0 : k0 + chunk].expand(threads, -1, -1),
         )
-        for k0 in range(0, m, KEY_CHUNK)
+        for k0 in range(0, m, chunk)
     ]
-    block = threads * QUERIES_PER_THREAD
-    buffer = torch.empty(
-        min(m, KEY_CHUNK) * min(padded_n, block), dtype=query2.dtype, device=query2.device
-    )
+    block = threads * _even_part(padded_n // threads, QUERIES_PER_THREAD)
+    buffer = query2.new_empty(chunk * block)
     sums = []
     for q0 in range(0, padded_n, block):
         per_thread = min(block, padded_n - q0) // threads

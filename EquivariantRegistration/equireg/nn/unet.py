@@ -32,9 +32,10 @@ class UNet(nn.Module):
     """``(B, in_channels, *S) -> (B, out_channels, *S)``; sizes must be divisible by
     ``2 ** levels`` with ``levels = len(channels) - 1``.
 
-    ``channels[k]`` is the width at level ``k`` (resolution ``2 ** -k``). The output
-    convolution starts at zero, so an untrained network predicts no displacement and a
-    :class:`~equireg.compose.DisplacementStep` around it starts as the identity map.
+    ``channels[k]`` is the width at level ``k`` (resolution ``2 ** -k``); ``out_channels``
+    defaults to ``dim``, a displacement. The output convolution starts at zero, so an untrained
+    network predicts no displacement and a :class:`~equireg.compose.DisplacementStep` around it
+    starts as the identity map.
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class UNet(nn.Module):
             )
         skips = []
         for level, encoder in enumerate(self.encoders):
-            x = encoder(self._pool(x) if level else x)
-            skips.append(x)
+            if level:
+                skips.append(x)
+                x = self._pool(x)
+            x = encoder(x)
         for level in reversed(range(self.levels)):
             upsampled = F.interpolate(x, scale_factor=2, mode="nearest")
             x = self.decoders[level](torch.cat([upsampled, skips[level]], dim=1))
