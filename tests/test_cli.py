@@ -54,24 +54,14 @@ def pair_2d(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return fixed, moving
 
 
+def _register(pair: tuple[Path, Path], out: Path, *options: str) -> int:
+    return main(["register", str(pair[0]), str(pair[1]), "-o", str(out), *options])
+
+
 @pytest.fixture(scope="module")
 def registered_2d(pair_2d: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out") / "result"
-    assert (
-        main(
-            [
-                "register",
-                str(pair_2d[0]),
-                str(pair_2d[1]),
-                "-o",
-                str(out),
-                "--inverse",
-                "--progress",
-                "none",
-            ]
-        )
-        == 0
-    )
+    assert _register(pair_2d, out, "--inverse", "--progress", "none") == 0
     return out
 
 
@@ -161,22 +151,7 @@ def test_json_progress_lines(
     pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "json"
-    assert (
-        main(
-            [
-                "register",
-                str(pair_2d[0]),
-                str(pair_2d[1]),
-                "-o",
-                str(out),
-                "--progress",
-                "json",
-                "--refine-steps",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert _register(pair_2d, out, "--progress", "json", "--refine-steps", "3") == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     stages = [line["stage"] for line in lines]
     assert {"load", "network", "refine", "field", "warp"} <= set(stages)

@@ -22,15 +22,23 @@ Notify = Callable[[str], None]
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def _read_any(path: Path) -> sitk.Image:
-    if path.is_dir():
+def _read_any(path: Path, what: str) -> sitk.Image:
+    """Read a file or a DICOM folder; a missing or unreadable one is an ``InputError``."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        if not path.is_dir():
+            return sitk.ReadImage(str(path))
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
         if not series:
             raise InputError(f"{path}: folder holds no DICOM series")
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
         return reader.Execute()
-    return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        reason = lines[-1] if lines else "unknown error"
+        raise InputError(f"{path}: cannot be read as {what} ({reason})") from None
 
 
 def _to_grey(image: sitk.Image, path: Path, notify: Notify) -> sitk.Image:
@@ -55,15 +63,7 @@ def read_image(path: str | os.PathLike, notify: Notify = lambda _m: None) -> sit
     constant image, or NaN/Inf voxels.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    try:
-        image = _read_any(path)
-    except InputError:
-        raise
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise InputError(f"{path}: cannot be read as an image ({first_line})") from None
+    image = _read_any(path, "an image")
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = _to_grey(image, path, notify)
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
@@ -84,12 +84,7 @@ def read_image(path: str | os.PathLike, notify: Notify = lambda _m: None) -> sit
 def read_mask(path: str | os.PathLike, reference: sitk.Image, role: str) -> sitk.Image:
     """Read a mask that must lie on ``reference``'s grid; non-zero voxels are inside."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    try:
-        mask = _read_any(path)
-    except RuntimeError:
-        raise InputError(f"{path}: cannot be read as a mask image") from None
+    mask = _read_any(path, "a mask image")
     if mask.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: mask must be a scalar image")
     if mask.GetDimension() == 3 and reference.GetDimension() == 2 and mask.GetSize()[2] == 1:
