@@ -217,9 +217,11 @@ def _network_map(
     """Φ[moving, fixed] on the fixed network grid, float32 ``(1, d, *shape)``."""
     network = network.to(device)
     moving, fixed = moving.to(device), fixed.to(device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast = nullcontext()
+    if device.type == "cuda":  # bf16 convolutions, TF32 matmuls; attention keeps float32 maps
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
         phi = network(moving, fixed)
         values = evaluate(phi, fixed.shape[2:], 1, fixed)
