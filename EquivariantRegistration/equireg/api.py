@@ -27,7 +27,7 @@ import torch
 from . import __version__, losses
 from .errors import InputError, RegistrationFailure
 from .evaluate import folding_fraction
-from .io import read_image, read_mask, write_image, write_transform
+from .io import checked_mask, read_image, read_mask, write_image, write_transform
 from .maps import Map, compose, displacement_map, evaluate, identity_grid, sampled_map, warp
 from .models import ModelCard, load_network, read_card
 from .preprocess import network_input, network_mask, normalise_intensity
@@ -163,10 +163,7 @@ def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.I
     if mask is None:
         return None
     if isinstance(mask, sitk.Image):
-        mask_path = "<mask image>"
-        if Grid.of(mask).size != Grid.of(reference).size:
-            raise InputError(f"{mask_path}: mask is not on the {role} image's grid")
-        return sitk.Cast(mask != 0, sitk.sitkUInt8)
+        return checked_mask(mask, reference, role, f"<{role} mask image>")
     return read_mask(mask, reference, role)
 
 

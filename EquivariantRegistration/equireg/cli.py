@@ -36,8 +36,7 @@ def _progress_printer(
         bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}")
 
         def update(stage: str, fraction: float, message: str) -> None:
-            if stage == "warning":
-                tqdm.write(f"equireg: warning: {message}", file=sys.stderr)
+            if stage == "warning":  # printed once, after the bar is closed
                 return
             bar.set_description(f"{stage}: {message}"[:50])
             bar.n = int(fraction * 1000)
@@ -72,9 +71,8 @@ def _register(args: argparse.Namespace) -> int:
     if args.progress == "json":
         print(json.dumps({"stage": "done", "progress": 1.0, "outputs": outputs}), flush=True)
     else:
-        if args.progress != "bar":  # the bar printed warnings as they came
-            for warning in result.report["warnings"]:
-                print(f"equireg: warning: {warning}", file=sys.stderr)
+        for warning in result.report["warnings"]:
+            print(f"equireg: warning: {warning}", file=sys.stderr)
         for name, path in outputs.items():
             print(f"{name}: {path}")
     return EXIT_OK
@@ -108,7 +106,22 @@ def _warp(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir, device=args.device, refine_steps=args.refine_steps)
+    progress, close = _progress_printer("auto")
+    try:
+        summary = run_demo(args.output_dir, args.device, args.refine_steps, progress)
+    finally:
+        close()
+    for warning in summary["warnings"]:
+        print(f"equireg: warning: {warning}", file=sys.stderr)
+    paths = summary["paths"]
+    print(f"sample pair: {paths['fixed']}  {paths['moving']}")
+    print(f"outputs:     {paths['outputs']}/ (transform.h5, displacement.nrrd, warped.nrrd, ...)")
+    print(f"overview:    {paths['overview']}")
+    before, after = summary["similarity_before"]["lncc"], summary["similarity_after"]["lncc"]
+    print(
+        f"mean error against the true transform: {summary['mean_error_vs_truth_mm']:.3f} mm "
+        f"(identity: {summary['mean_error_identity_mm']:.3f} mm); LNCC {before:.3f} -> {after:.3f}"
+    )
     return EXIT_OK
 
 

@@ -8,17 +8,17 @@ recovered transform against the truth.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .api import check_output_dir, register
+from .api import Progress, check_output_dir, register
 from .data.synthetic import deform, fundus_photograph, random_diffeomorphism, translation
 from .io import write_image
-from .maps import compose, sampled_map
+from .maps import compose, evaluate, sampled_map
 from .space import Grid
 
 SAMPLE_SHAPE = (256, 256)
@@ -36,12 +36,10 @@ def sample_pair(seed: int = 7) -> tuple[sitk.Image, sitk.Image, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     moving_values = torch.from_numpy(fundus_photograph(SAMPLE_SHAPE, rng))[None, None]
     warp_values = random_diffeomorphism(SAMPLE_SHAPE, 0.04, 4.0, generator)
-    truth_values = compose(
+    truth_map = compose(
         sampled_map(translation(SAMPLE_SHAPE, (0.12, -0.08))), sampled_map(warp_values)
     )
-    from .maps import evaluate
-
-    truth = evaluate(truth_values, SAMPLE_SHAPE, 1, moving_values)
+    truth = evaluate(truth_map, SAMPLE_SHAPE, 1, moving_values)
     fixed_values = deform(moving_values, truth)
     images = []
     for values in (fixed_values, moving_values):
@@ -115,27 +113,27 @@ def _extent(grid: Grid) -> tuple[float, float, float, float]:
     return (first[0], last[0], last[1], first[1])
 
 
-def run_demo(output_dir: str, device: str = "auto", refine_steps: int = 0) -> dict:
-    """Generate the sample pair, register it, write outputs, ``overview.png`` and a summary."""
-    from .cli import _progress_printer
-
+def run_demo(
+    output_dir: str,
+    device: str = "auto",
+    refine_steps: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Generate the sample pair, register it, write outputs, ``overview.png`` and
+    ``summary.json``; returns the summary (with the warnings and the paths written)."""
     output = check_output_dir(output_dir)
     fixed, moving, truth = sample_pair()
     write_image(fixed, output / "fixed.nrrd")
     write_image(moving, output / "moving.nrrd")
-    progress, close = _progress_printer("auto")
-    try:
-        result = register(
-            output / "fixed.nrrd",
-            output / "moving.nrrd",
-            device=device,
-            refine_steps=refine_steps,
-            progress=progress,
-        )
-        result_dir = output / "retina2d"
-        result.save(result_dir)
-    finally:
-        close()
+    result = register(
+        output / "fixed.nrrd",
+        output / "moving.nrrd",
+        device=device,
+        refine_steps=refine_steps,
+        progress=progress,
+    )
+    result_dir = output / "retina2d"
+    result.save(result_dir)
     error, identity_error = truth_error_mm(result.transform, fixed, truth)
     draw_overview(fixed, moving, result_dir, output / "overview.png")
     summary = {
@@ -146,16 +144,13 @@ def run_demo(output_dir: str, device: str = "auto", refine_steps: int = 0) -> di
         "similarity_after": result.report["similarity_after"],
         "folding_fraction": result.report["folding_fraction"],
         "timings_s": result.report["timings_s"],
+        "warnings": result.report["warnings"],
+        "paths": {
+            "fixed": str(output / "fixed.nrrd"),
+            "moving": str(output / "moving.nrrd"),
+            "outputs": str(result_dir),
+            "overview": str(output / "overview.png"),
+        },
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for warning in result.report["warnings"]:
-        print(f"equireg: warning: {warning}", file=sys.stderr)
-    print(f"sample pair: {output / 'fixed.nrrd'}  {output / 'moving.nrrd'}")
-    print(f"outputs:     {result_dir}/ (transform.h5, displacement.nrrd, warped.nrrd, report.json)")
-    print(f"overview:    {output / 'overview.png'}")
-    print(
-        f"mean error against the true transform: {error:.3f} mm "
-        f"(identity: {identity_error:.3f} mm); LNCC {summary['similarity_before']['lncc']:.3f} -> "
-        f"{summary['similarity_after']['lncc']:.3f}"
-    )
     return summary

@@ -84,18 +84,23 @@ def read_image(path: str | os.PathLike, notify: Notify = lambda _m: None) -> sit
 def read_mask(path: str | os.PathLike, reference: sitk.Image, role: str) -> sitk.Image:
     """Read a mask that must lie on ``reference``'s grid; non-zero voxels are inside."""
     path = Path(path)
-    mask = _read_any(path, "a mask image")
+    return checked_mask(_read_any(path, "a mask image"), reference, role, str(path))
+
+
+def checked_mask(mask: sitk.Image, reference: sitk.Image, role: str, name: str) -> sitk.Image:
+    """``mask`` as a 0/1 UInt8 image after checking it is scalar, non-empty and on
+    ``reference``'s grid; ``name`` (a path) is what the error messages call it."""
     if mask.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: mask must be a scalar image")
+        raise InputError(f"{name}: mask must be a scalar image")
     if mask.GetDimension() == 3 and reference.GetDimension() == 2 and mask.GetSize()[2] == 1:
         mask = mask[:, :, 0]
     if not same_grid(Grid.of(mask), Grid.of(reference)):
         raise InputError(
-            f"{path}: mask is not on the {role} image's grid (size/spacing/origin/direction)"
+            f"{name}: mask is not on the {role} image's grid (size/spacing/origin/direction)"
         )
     mask = sitk.Cast(mask != 0, sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(mask).any():
-        raise InputError(f"{path}: mask is empty")
+        raise InputError(f"{name}: mask is empty")
     return mask
 
 
