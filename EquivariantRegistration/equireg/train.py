@@ -19,7 +19,7 @@ import torch
 from .data.pairs import random_pairs, retina_pool
 from .losses import registration_loss
 from .models import save_model
-from .nn.builder import build_network
+from .nn.builder import build
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -59,7 +59,7 @@ def train(
     total_steps = steps if steps is not None else settings["steps"]
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings["seed"])
-    network = build_network(config["card"]["architecture"]).to(device)
+    network = build(config["card"]["architecture"]).to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=settings["lr"])
     start = 0
     checkpoint_path = output / CHECKPOINT

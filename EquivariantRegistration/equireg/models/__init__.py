@@ -94,7 +94,7 @@ def read_card(spec: str, dim: int | None = None) -> ModelCard:
 
 def load_network(card: ModelCard) -> RegistrationStep:
     """Build the card's architecture and load its weights (sha256 checked, weights_only)."""
-    from ..nn.builder import build_network
+    from ..nn.builder import build
 
     weights = card.weights_path
     if not weights.is_file():
@@ -104,7 +104,7 @@ def load_network(card: ModelCard) -> RegistrationStep:
         raise InputError(
             f"{weights}: sha256 does not match the model card; the file is corrupt or was replaced"
         )
-    network = build_network(card.architecture)
+    network = build(card.architecture)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)

@@ -10,7 +10,8 @@ A config (what a model card stores under ``architecture``)::
         "featurizer": {"width": 32, "dilations": [1, 2, 4, 8, 1], "out_channels": 64}
       },
       "unet": {"channels": [16, 32, 64, 128]}, # widths per level; len - 1 = poolings
-      "extra_full_resolution_step": false      # one more full-resolution U-Net step
+      "extra_full_resolution_step": false,     # one more full-resolution U-Net step
+      "kind": "equivariant"                    # optional: "equivariant" (default) | "unet"
     }
 
 Input sizes must be divisible by ``2 ** len(channels)`` (the 1/2-resolution U-Net pools
@@ -98,3 +99,15 @@ def build_unet_only(config: dict[str, Any]) -> RegistrationStep:
     """The displacement-only baseline (only ``[U, U]``-equivariant): the same refinements after a
     1/4-resolution U-Net step instead of the attention inversion."""
     return _chain([Downsample(_unet_step(config), 4), *_refinement(config)])
+
+
+BUILDERS = {"equivariant": build_network, "unet": build_unet_only}
+
+
+def build(config: dict[str, Any]) -> RegistrationStep:
+    """The network named by ``config["kind"]`` (default: the equivariant reference composition);
+    what training and model loading call, so baselines share one harness."""
+    kind = config.get("kind", "equivariant")
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown architecture kind {kind!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[kind](config)
