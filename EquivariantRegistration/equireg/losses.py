@@ -151,6 +151,15 @@ def gradient_inverse_consistency(
     return total
 
 
+def map_error(map_values: torch.Tensor, true_map: torch.Tensor) -> torch.Tensor:
+    """Mean distance in voxels between a map and the true one, over the fixed voxels whose true
+    image lies inside the moving image (elsewhere the moving image holds no evidence)."""
+    shape = map_values.shape[2:]
+    inside = ((true_map >= 0) & (true_map <= 1)).all(dim=1).to(map_values.dtype)
+    distance = ((map_values - true_map) * _voxels_per_unit(shape, map_values)).norm(dim=1)
+    return (distance * inside).sum() / inside.sum().clamp(min=1)
+
+
 def registration_loss(
     step: RegistrationStep,
     moving: torch.Tensor,
@@ -160,14 +169,17 @@ def registration_loss(
     regulariser: Literal["diffusion", "gradicon"] = "diffusion",
     weight: float = 1.0,
     window: int | Sequence[int] = 5,
+    true_map: torch.Tensor | None = None,
+    map_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``similarity + weight · regulariser`` for one step on one batch; used by training and
-    instance optimisation.
+    """``similarity + weight · regulariser [+ map_weight · map_error]`` for one step on one
+    batch; used by training and instance optimisation.
 
     With ``diffusion`` the step runs once (moving → fixed). With ``gradicon`` it also runs with
     the images swapped, as the regulariser needs both directions; the similarity is then the
-    mean over the two directions. Returns the differentiable total and its parts as floats
-    (``similarity``, ``regulariser``, ``total``) for logging.
+    mean over the two directions. ``true_map`` (synthetic pairs only) adds the supervised
+    ``map_error`` term of the moving → fixed direction. Returns the differentiable total and its
+    parts as floats (``similarity``, ``regulariser``, ``map_error`` when used, ``total``).
     """
     measures = {
         "lncc": lambda a, b: lncc(a, b, window),
@@ -196,6 +208,10 @@ def registration_loss(
     parts = {
         "similarity": float(similarity_loss.detach()),
         "regulariser": float(regulariser_loss.detach()),
-        "total": float(total.detach()),
     }
+    if true_map is not None:
+        supervised = map_error(values_ab, true_map)
+        total = total + map_weight * supervised
+        parts["map_error"] = float(supervised.detach())
+    parts["total"] = float(total.detach())
     return total, parts

@@ -1,28 +1,50 @@
 """``equireg train CONFIG``: unsupervised training with resumable, deterministic checkpoints.
 
-Loss: LNCC + diffusion during warm-up, then LNCC + gradient inverse consistency (design §1).
-The batch of step ``k`` is drawn from a generator seeded by ``(seed, k)``, so a run resumed
-from its checkpoint (on CPU or GPU) sees the same data as an uninterrupted one.
+Loss (design §1): LNCC + diffusion during warm-up, then LNCC + gradient inverse consistency.
+On synthetic pairs the true map is known; ``map_weight`` adds it as a supervised term for the
+first ``map_steps`` steps, which gives the attention features a direct signal from random
+weights (unsupervised similarity alone reaches a useful model far slower on a CPU).
+
+The batch of step ``k`` (on rank ``r``) is drawn from a generator seeded by ``(seed, k, r)``, so
+a run resumed from its checkpoint, on CPU or GPU, sees the same data as an uninterrupted one.
+Under ``torchrun`` each process trains a DistributedDataParallel replica on its own batches
+(gloo on CPU, NCCL on CUDA); rank 0 writes the log, checkpoints, plot and model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .data.pairs import random_pairs, retina_pool
-from .losses import registration_loss
+from .data.pairs import TrainingBatch, random_pairs, retina_pool
+from .losses import map_error, registration_loss
+from .maps import evaluate
 from .models import save_model
 from .nn.builder import build
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
+PLOT = "loss.png"
+LOG_COLUMNS = [
+    "step",
+    "phase",
+    "total",
+    "similarity",
+    "regulariser",
+    "map_error",
+    "validation_map_error",
+    "seconds",
+]
+VALIDATION_SEED = 987_654_321  # never a training seed: steps use seed·1_000_003 + step
 
 
 def _data_pool(config: dict[str, Any]) -> torch.Tensor:
@@ -30,6 +52,35 @@ def _data_pool(config: dict[str, Any]) -> torch.Tensor:
     if data["kind"] != "retina":
         raise ValueError(f"unknown training data kind {data['kind']!r}")
     return retina_pool(data["pool_size"], tuple(config["card"]["input_shape"]), data["seed"])
+
+
+def _batch(
+    pool: torch.Tensor, config: dict[str, Any], step: int, rank: int, device: torch.device
+) -> TrainingBatch:
+    settings = config["training"]
+    seed = (settings["seed"] * 1_000_003 + step) * 64 + rank
+    batch = random_pairs(
+        pool, settings["batch_size"], config["data"], torch.Generator().manual_seed(seed)
+    )
+    return TrainingBatch(*(tensor.to(device) for tensor in batch))
+
+
+def _validation_batch(config: dict[str, Any], device: torch.device, size: int = 8) -> TrainingBatch:
+    """Pairs from base images outside the training pool (another pool seed)."""
+    data = config["data"]
+    pool = retina_pool(size, tuple(config["card"]["input_shape"]), data["seed"] + 7919)
+    batch = random_pairs(pool, size, data, torch.Generator().manual_seed(VALIDATION_SEED))
+    return TrainingBatch(*(tensor.to(device) for tensor in batch))
+
+
+@torch.no_grad()
+def validation_map_error(network: torch.nn.Module, batch: TrainingBatch) -> float:
+    """Mean distance in voxels between the network's map and the truth on held-out pairs."""
+    network.eval()
+    phi = network(batch.moving, batch.fixed)
+    values = evaluate(phi, batch.fixed.shape[2:], batch.fixed.shape[0], batch.fixed)
+    network.train()
+    return float(map_error(values, batch.true_map))
 
 
 def _save_checkpoint(
@@ -41,6 +92,44 @@ def _save_checkpoint(
         temporary,
     )
     temporary.replace(path)
+
+
+def plot_log(log_path: Path, plot_path: Path) -> None:
+    """The loss curves of ``log.csv`` (training terms and held-out map error) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        return
+    steps = [int(row["step"]) for row in rows]
+    figure, (losses, errors) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for column in ("total", "similarity", "regulariser"):
+        losses.plot(steps, [float(row[column]) for row in rows], label=column, linewidth=0.8)
+    losses.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
+    losses.legend()
+    validation = [(s, float(r["validation_map_error"])) for s, r in zip(steps, rows, strict=True)]
+    validation = [(s, v) for s, v in validation if v == v]  # NaN where not measured
+    if validation:
+        errors.plot(*zip(*validation, strict=True), marker=".", label="held-out pairs")
+    errors.set(xlabel="step", ylabel="voxels", title="mean map error (held-out)")
+    errors.legend()
+    figure.tight_layout()
+    temporary = plot_path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=90)
+    plt.close(figure)
+    temporary.replace(plot_path)
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)``, starting the process group when launched by ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 def train(
@@ -57,57 +146,83 @@ def train(
     """
     settings = config["training"]
     total_steps = steps if steps is not None else settings["steps"]
+    rank, world = _distributed()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings["seed"])
-    network = build(config["card"]["architecture"]).to(device)
-    optimiser = torch.optim.Adam(network.parameters(), lr=settings["lr"])
+    model = build(config["card"]["architecture"]).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     start = 0
     checkpoint_path = output / CHECKPOINT
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        network.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["step"])
+    network = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if world > 1
+        else model
+    )
+    use_amp = device.type == "cuda" and settings.get("amp", True)
     pool = _data_pool(config) if start < total_steps else None
-    log_exists = (output / LOG).exists()
+    validation = _validation_batch(config, device) if rank == 0 else None
+    log_path = output / LOG
+    write_header = rank == 0 and not log_path.exists()
     began = time.perf_counter()
-    with open(output / LOG, "a", newline="") as log_file:
-        log = csv.writer(log_file)
-        if not log_exists:
-            log.writerow(["step", "phase", "total", "similarity", "regulariser", "seconds"])
+    with open(log_path, "a", newline="") if rank == 0 else contextlib.nullcontext() as log_file:
+        log = csv.writer(log_file) if log_file else None
+        if write_header:
+            log.writerow(LOG_COLUMNS)
         network.train()
         for step in range(start, total_steps):
-            generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + step)
-            moving, fixed = random_pairs(pool, settings["batch_size"], config["data"], generator)
-            moving, fixed = moving.to(device), fixed.to(device)
+            batch = _batch(pool, config, step, rank, device)
             warm = step < settings["warmup_steps"]
-            loss, parts = registration_loss(
-                network,
-                moving,
-                fixed,
-                similarity=settings["similarity"],
-                window=settings["lncc_window"],
-                regulariser="diffusion" if warm else "gradicon",
-                weight=settings["diffusion_weight"] if warm else settings["gradicon_weight"],
-            )
+            supervised = step < settings.get("map_steps", 0)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = registration_loss(
+                    network,
+                    batch.moving,
+                    batch.fixed,
+                    similarity=settings["similarity"],
+                    window=settings["lncc_window"],
+                    regulariser="diffusion" if warm else "gradicon",
+                    weight=settings["diffusion_weight"] if warm else settings["gradicon_weight"],
+                    true_map=batch.true_map if supervised else None,
+                    map_weight=settings.get("map_weight", 0.0),
+                )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            elapsed = time.perf_counter() - began
-            log.writerow(
-                [
-                    step + 1,
-                    "warmup" if warm else "gradicon",
-                    parts["total"],
-                    parts["similarity"],
-                    parts["regulariser"],
-                    round(elapsed, 2),
-                ]
-            )
-            report(step + 1, parts)
-            if (step + 1) % settings["checkpoint_every"] == 0 or step + 1 == total_steps:
-                log_file.flush()
-                _save_checkpoint(checkpoint_path, network, optimiser, step + 1)
+            checkpoint_now = (step + 1) % settings["checkpoint_every"] == 0
+            if rank == 0:
+                validation_error = (
+                    validation_map_error(model, validation)
+                    if checkpoint_now or step + 1 == total_steps
+                    else float("nan")
+                )
+                log.writerow(
+                    [
+                        step + 1,
+                        "warmup" if warm else "gradicon",
+                        parts["total"],
+                        parts["similarity"],
+                        parts["regulariser"],
+                        parts.get("map_error", float("nan")),
+                        validation_error,
+                        round(time.perf_counter() - began, 2),
+                    ]
+                )
+                report(step + 1, parts)
+                if checkpoint_now or step + 1 == total_steps:
+                    log_file.flush()
+                    _save_checkpoint(checkpoint_path, model, optimiser, step + 1)
+                    plot_log(log_path, output / PLOT)
+    if world > 1:
+        dist.barrier()
     card = {
         **config["card"],
         "trained": max(total_steps, start) > 0,
@@ -115,11 +230,18 @@ def train(
             "data": config["data"],
             "settings": settings,
             "steps": max(total_steps, start),
+            "processes": world,
             "device_last_run": str(device),
             "wall_time_last_run_s": round(time.perf_counter() - began, 1),
         },
     }
-    return save_model(network.eval(), card, output).path
+    if validation is not None:
+        card["training"]["validation_map_error_voxels"] = round(
+            validation_map_error(model, validation), 3
+        )
+    if rank != 0:
+        return output / f"{config['card']['name']}.json"
+    return save_model(model.eval(), card, output).path
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -1,18 +1,27 @@
-"""Training pairs: procedural base images seen through two random smooth maps and shifts.
+"""Training pairs: procedural base images seen through random smooth maps and shifts.
 
-Each pair is ``moving = base ∘ ψ_m`` and ``fixed = base ∘ ψ_f`` with independent random
-diffeomorphisms and independent translations (up to ``max_shift`` of the field of view), so
-the network has to undo large relative shifts as well as local deformation.
+Each pair is ``moving = base ∘ ψ_m`` and ``fixed = moving ∘ ψ`` (sampled from the base in one
+interpolation), where ``ψ_m`` and ``ψ`` are independent random diffeomorphisms plus independent
+translations of up to ``max_shift`` of the field of view. The network has to find ``ψ``, the
+map from fixed to moving coordinates, which is returned with the pair: unsupervised training
+ignores it, the supervised warm-up and the tests use it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ..maps import identity_grid, sample
 from .synthetic import deform, fundus_photograph, random_diffeomorphism, vessel_tree
+
+
+class TrainingBatch(NamedTuple):
+    moving: torch.Tensor  # (B, 1, *S)
+    fixed: torch.Tensor  # (B, 1, *S)
+    true_map: torch.Tensor  # (B, d, *S): fixed grid → moving coordinates, moving ∘ ψ = fixed
 
 
 def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -28,23 +37,38 @@ def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))[:, None]
 
 
-def _random_view(
-    base: torch.Tensor, spec: dict[str, Any], generator: torch.Generator
-) -> torch.Tensor:
-    shape = tuple(base.shape[2:])
+def _random_map(shape: tuple[int, ...], spec: dict[str, Any], generator: torch.Generator):
+    """A random diffeomorphism followed by a random shift, as map values ``(1, d, *S)``."""
     warp = random_diffeomorphism(shape, spec["warp_magnitude"], spec["warp_smoothness"], generator)
     shift = (torch.rand(len(shape), generator=generator) * 2 - 1) * spec["max_shift"]
-    view = deform(base, warp + shift.view(1, -1, *[1] * len(shape)))
+    return warp + shift.view(1, -1, *[1] * len(shape))
+
+
+def _random_intensity(
+    view: torch.Tensor, spec: dict[str, Any], generator: torch.Generator
+) -> torch.Tensor:
+    """Random gamma, contrast and brightness, then noise: the network must not rely on them."""
     gamma = torch.exp(torch.randn((), generator=generator) * spec.get("gamma_sigma", 0.2))
-    view = view.clamp(min=0) ** gamma
+    contrast = 1 + (torch.rand((), generator=generator) - 0.5) * spec.get("contrast_range", 0.0)
+    view = view.clamp(min=0) ** gamma * contrast
     return view + torch.randn(view.shape, generator=generator) * spec.get("noise", 0.01)
 
 
 def random_pairs(
     pool: torch.Tensor, batch: int, spec: dict[str, Any], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of ``(moving, fixed)`` views of random pool images, each ``(batch, 1, *S)``."""
+) -> TrainingBatch:
+    """A batch of ``(moving, fixed, true_map)`` from random pool images."""
+    shape = tuple(pool.shape[2:])
+    identity = identity_grid(shape)
     picks = torch.randint(len(pool), (batch,), generator=generator)
-    moving = torch.cat([_random_view(pool[i : i + 1], spec, generator) for i in picks])
-    fixed = torch.cat([_random_view(pool[i : i + 1], spec, generator) for i in picks])
-    return moving, fixed
+    moving, fixed, true_maps = [], [], []
+    for index in picks:
+        base = pool[index : index + 1]
+        moving_map = _random_map(shape, spec, generator)
+        relative = _random_map(shape, spec, generator)
+        # ψ_m ∘ ψ evaluated on the fixed grid: the fixed view in one interpolation of the base.
+        fixed_map = sample(moving_map - identity, relative, padding="border") + relative
+        moving.append(_random_intensity(deform(base, moving_map), spec, generator))
+        fixed.append(_random_intensity(deform(base, fixed_map), spec, generator))
+        true_maps.append(relative)
+    return TrainingBatch(torch.cat(moving), torch.cat(fixed), torch.cat(true_maps))
