@@ -193,3 +193,44 @@ def target_registration_error(
         "max": float(np.max(distances)),
     }
     return distances, summary
+
+
+def dice(fixed_labels: sitk.Image, warped_labels: sitk.Image) -> dict[str, float]:
+    """Dice overlap per label present in either image (label 0 is background), and ``mean``.
+
+    Both label maps must be on the fixed grid (warp the moving labels with nearest neighbour).
+    """
+    a = sitk.GetArrayViewFromImage(fixed_labels)
+    b = sitk.GetArrayViewFromImage(warped_labels)
+    if a.shape != b.shape:
+        raise ValueError(f"label maps of shapes {a.shape} and {b.shape} are not on one grid")
+    scores = {}
+    for label in sorted((set(np.unique(a)) | set(np.unique(b))) - {0}):
+        in_a, in_b = a == label, b == label
+        scores[str(int(label))] = float(2 * np.sum(in_a & in_b) / (np.sum(in_a) + np.sum(in_b)))
+    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    return scores
+
+
+def dense_field_error(
+    transform: sitk.Transform,
+    truth: sitk.Transform,
+    reference: sitk.Image,
+    mask: sitk.Image | None = None,
+) -> dict[str, float]:
+    """Distance (mm) between ``T(x)`` and ``truth(x)`` over the voxels ``x`` of ``reference``
+    (the fixed grid), inside ``mask`` when given: ``mean``, ``p90``, ``max``."""
+    fields = []
+    for t in (transform, truth):
+        to_field = sitk.TransformToDisplacementFieldFilter()
+        to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+        to_field.SetReferenceImage(reference)
+        fields.append(sitk.GetArrayFromImage(to_field.Execute(t)))
+    distances = np.linalg.norm(fields[0] - fields[1], axis=-1)
+    if mask is not None:
+        distances = distances[sitk.GetArrayViewFromImage(mask) > 0]
+    return {
+        "mean": float(np.mean(distances)),
+        "p90": float(np.percentile(distances, 90)),
+        "max": float(np.max(distances)),
+    }

@@ -148,3 +148,17 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
         return sitk.ReadTransform(str(path))
     except RuntimeError:
         raise InputError(f"{path}: cannot be read as an ITK transform") from None
+
+
+def read_landmarks(path: str | os.PathLike, dim: int) -> np.ndarray:
+    """Points ``(N, dim)`` in LPS mm from a CSV file with a header row (``x,y`` or ``x,y,z``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such landmark file")
+    try:
+        points = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+    except ValueError as error:
+        raise InputError(f"{path}: not a CSV of numbers with one header row ({error})") from None
+    if points.shape[1] != dim or not len(points):
+        raise InputError(f"{path}: expected rows of {dim} coordinates, got shape {points.shape}")
+    return points
