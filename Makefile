@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench cases clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention.py
+
+# Rebuilds Testing/ from data shipped in PyPI packages (scikit-image's fundus photograph).
+cases: $(STAMP)
+	mkdir -p .data
+	$(BIN)/pip download -q --no-deps scikit-image==0.26.0 -d .data
+	$(BIN)/python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.data/scikit_image-0.26.0-*.whl')[0]).extract('skimage/data/retina.jpg', '.data')"
+	$(BIN)/python Testing/make_cases.py --retina-jpg .data/skimage/data/retina.jpg
 
 clean:
 	rm -rf $(VENV) demo-output
