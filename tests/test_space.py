@@ -100,3 +100,16 @@ def test_physical_displacement_between_different_grids(dim: int) -> None:
     points = fixed.physical_points()
     expected = moving.network_to_physical(fixed.physical_to_network(points)) - points
     np.testing.assert_allclose(field, expected, atol=1e-4)
+
+
+def test_antialiasing_smooths_only_the_shrinking_axes() -> None:
+    # A CT with few thick slices onto a cube grid: z grows, x and y shrink (ITK refuses a zero
+    # sigma, so the smoothing must skip the growing axis rather than fail).
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(size=(6, 64, 64)).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 8.0))
+    target = Grid.of(image).resized((16, 16, 16))
+    smoothed = sitk.GetArrayFromImage(resample_to_grid(image, target))
+    aliased = sitk.GetArrayFromImage(resample_to_grid(image, target, antialias=False))
+    assert smoothed.shape == (16, 16, 16)
+    assert smoothed.std() < 0.5 * aliased.std()  # white noise averaged over ~4×4 pixels

@@ -122,10 +122,9 @@ def resample_to_grid(
         source_size = np.asarray(source.spacing) * np.asarray(source.size)
         target_spacing = source_size / np.asarray(grid.size)
         sigma = 0.5 * np.sqrt(np.clip(target_spacing**2 - np.asarray(source.spacing) ** 2, 0, None))
-        if np.any(sigma > 0):
-            image = sitk.SmoothingRecursiveGaussian(
-                sitk.Cast(image, sitk.sitkFloat32), sigma.tolist()
-            )
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        for axis in np.flatnonzero(sigma > 0):  # only the shrinking axes (ITK wants sigma > 0)
+            image = sitk.RecursiveGaussian(image, float(sigma[axis]), direction=int(axis))
     return sitk.Resample(
         image, grid.reference_image(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32
     )
