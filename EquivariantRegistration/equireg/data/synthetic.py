@@ -62,18 +62,19 @@ def deform(image: torch.Tensor, map_values: torch.Tensor) -> torch.Tensor:
     return sample(image, map_values, padding="border")
 
 
-def _draw_segment(canvas: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> None:
-    """Paint an anti-aliased capsule of ``radius`` pixels into ``canvas`` (maximum blending)."""
+def draw_segment(canvas: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> None:
+    """Paint an anti-aliased capsule of ``radius`` voxels into ``canvas`` (2-D or 3-D, maximum
+    blending); ``start`` and ``end`` are positions in voxel indices."""
     low = np.maximum(np.floor(np.minimum(start, end) - radius - 1), 0).astype(int)
     high = np.minimum(np.ceil(np.maximum(start, end) + radius + 2), canvas.shape).astype(int)
     if np.any(high <= low):
         return
-    rows, cols = np.meshgrid(np.arange(low[0], high[0]), np.arange(low[1], high[1]), indexing="ij")
-    points = np.stack([rows, cols], -1).astype(np.float64)
+    axes = np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=True)], indexing="ij")
+    points = np.stack(axes, -1).astype(np.float64)
     direction = end - start
     t = np.clip(((points - start) @ direction) / max(direction @ direction, 1e-12), 0, 1)
     distance = np.linalg.norm(points - (start + t[..., None] * direction), axis=-1)
-    window = canvas[low[0] : high[0], low[1] : high[1]]
+    window = canvas[tuple(slice(a, b) for a, b in zip(low, high, strict=True))]
     np.maximum(window, np.clip(radius + 0.5 - distance, 0, 1), out=window)
 
 
@@ -96,7 +97,7 @@ def vessel_tree(
         for _ in range(4):  # a branch is a few short segments with a wandering direction
             angle += rng.normal(0, 0.15)
             end = start + length / 4 * np.array([math.sin(angle), math.cos(angle)])
-            _draw_segment(vessels, start, end, radius)
+            draw_segment(vessels, start, end, radius)
             start = end
         if level < depth:
             for turn in (-1, 1):
