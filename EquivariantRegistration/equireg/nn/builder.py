@@ -14,6 +14,9 @@ A config (what a model card stores under ``architecture``)::
       "kind": "equivariant"                    # optional: "equivariant" (default) | "unet"
     }
 
+``"kind": "air"`` builds the AiR transformer baseline instead, from ``dim`` and its own
+``"air"`` section (documented in ``nn/air.py``).
+
 Input sizes must be divisible by ``2 ** len(channels)`` (the 1/2-resolution U-Net pools
 ``len(channels) - 1`` times more), and by ``2 ** (len(channels) + 1)`` for the baseline.
 """
@@ -24,6 +27,7 @@ import copy
 from typing import Any
 
 from ..compose import DisplacementStep, Downsample, RegistrationStep, TwoStep
+from .air import build_air
 from .attention import AttentionInversion
 from .featurizer import Featurizer
 from .unet import UNet
@@ -101,7 +105,7 @@ def build_unet_only(config: dict[str, Any]) -> RegistrationStep:
     return _chain([Downsample(_unet_step(config), 4), *_refinement(config)])
 
 
-BUILDERS = {"equivariant": build_network, "unet": build_unet_only}
+BUILDERS = {"equivariant": build_network, "unet": build_unet_only, "air": build_air}
 
 
 def build(config: dict[str, Any]) -> RegistrationStep:
