@@ -1,0 +1,221 @@
+"""Running ``equireg register`` as a background process (design §4, §5); standard library only.
+
+One function builds the command line, one class launches the engine and hands over its output
+lines without ever blocking the caller: the Slicer widget polls it from a timer, the console
+API waits on it, and pytest runs the very same code with the venv's Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+DEVICES = ("auto", "cpu", "cuda")
+INITIAL_ALIGNMENTS = ("none", "translation", "rigid", "affine")
+
+# What the engine imports beyond the packages Slicer bundles (numpy, SimpleITK). torch comes
+# through SlicerPyTorch; both are installed only after the user confirms, never at import.
+ENGINE_REQUIREMENTS = {"torch": "torch>=2.3", "tqdm": "tqdm>=4.60"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The user's choices; each maps to one ``equireg register`` option (the engine checks them)."""
+
+    model: str = "auto"
+    device: str = "auto"
+    initial: str = "none"
+    refine_steps: int = 0
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """The exported input files of one run."""
+
+    fixed: Path
+    moving: Path
+    fixed_mask: Path | None = None
+    moving_mask: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One output line of the engine, interpreted.
+
+    ``stage`` is the engine's stage (``load``, ``network``, ...), ``warning`` or ``done`` for its
+    JSON lines, ``log`` for any other stdout line and ``stderr`` for error output.
+    """
+
+    stage: str
+    progress: float | None
+    message: str
+    outputs: dict[str, str] | None = None
+
+
+def build_command(
+    python: str, inputs: EngineInputs, output_dir: Path, options: Options
+) -> list[str]:
+    """``python -m equireg register ...`` with JSON progress on stdout (design §4)."""
+    command = [
+        python,
+        "-m",
+        "equireg",
+        "register",
+        str(inputs.fixed),
+        str(inputs.moving),
+        "--output-dir",
+        str(output_dir),
+        "--model",
+        options.model,
+        "--device",
+        options.device,
+        "--initial",
+        options.initial,
+        "--refine-steps",
+        str(options.refine_steps),
+    ]
+    if inputs.fixed_mask is not None:
+        command += ["--fixed-mask", str(inputs.fixed_mask)]
+    if inputs.moving_mask is not None:
+        command += ["--moving-mask", str(inputs.moving_mask)]
+    return command + ["--progress", "json"]
+
+
+def engine_environment(module_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with ``module_dir`` first on PYTHONPATH.
+
+    ``module_dir`` holds the ``equireg`` package, which Slicer installs beside the module rather
+    than into its Python's site-packages.
+    """
+    env = dict(os.environ if base is None else base)
+    paths = [str(module_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines arrive as they are printed
+    env["PYTHONIOENCODING"] = "utf-8"  # what EngineProcess decodes, whatever the locale
+    return env
+
+
+def parse_line(line: str, stream: str) -> ProgressEvent:
+    """Interpret one line of the engine's ``stream`` (``stdout`` or ``stderr``)."""
+    if stream == "stdout":
+        try:
+            data: Any = json.loads(line)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("stage"), str):
+            progress = data.get("progress")
+            return ProgressEvent(
+                data["stage"],
+                float(progress) if isinstance(progress, int | float) else None,
+                str(data.get("message", "")),
+                data.get("outputs"),
+            )
+        return ProgressEvent("log", None, line)
+    return ProgressEvent("stderr", None, line)
+
+
+class EngineProcess:
+    """The engine running in the background; ``poll`` never blocks, ``kill`` ends it at once.
+
+    Two reader threads move output lines into a queue, so a full pipe never stalls the engine
+    and the caller (a Qt timer in Slicer) only ever drains what has arrived.
+    """
+
+    def __init__(self, command: list[str], env: Mapping[str, str], cwd: Path | None = None):
+        # A process group of its own, so that killing also ends what a launcher (PythonSlicer
+        # is one) started.
+        if sys.platform == "win32":
+            group: dict[str, Any] = {
+                "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+            }
+        else:
+            group = {"start_new_session": True}
+        self._process = subprocess.Popen(
+            command,
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            **group,
+        )
+        self._events: queue.Queue[ProgressEvent] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self._process.stdout, "stdout"), daemon=True),
+            threading.Thread(target=self._read, args=(self._process.stderr, "stderr"), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.stderr_lines: list[str] = []
+
+    def _read(self, stream: IO[str], name: str) -> None:
+        with stream:
+            for line in stream:
+                if line.strip():
+                    self._events.put(parse_line(line.rstrip("\r\n"), name))
+
+    def poll(self) -> list[ProgressEvent]:
+        """The events that arrived since the last call (possibly none)."""
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event.stage == "stderr":
+                self.stderr_lines.append(event.message)
+            events.append(event)
+        return events
+
+    @property
+    def finished(self) -> bool:
+        """The process has exited and every output line has been handed out by ``poll``."""
+        return (
+            self._process.poll() is not None
+            and not any(reader.is_alive() for reader in self._readers)
+            and self._events.empty()
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll()
+
+    def error_message(self) -> str:
+        """The engine's one-line error (its last ``equireg:`` line on stderr), for the user."""
+        lines = [line.strip() for line in self.stderr_lines if line.strip()]
+        flagged = [line for line in lines if line.startswith("equireg:")]
+        if flagged:
+            return flagged[-1]
+        if lines:
+            return lines[-1]
+        return f"the registration engine stopped with exit code {self.returncode}"
+
+    def kill(self) -> None:
+        """End the engine and everything it started; returns once it has exited."""
+        if self._process.poll() is None:
+            if sys.platform == "win32":
+                subprocess.run(
+                    ["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
+                    capture_output=True,
+                    check=False,
+                )
+            else:
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._process.wait()
+        for reader in self._readers:
+            reader.join()
