@@ -58,9 +58,13 @@ def test_bad_images_raise_one_clear_error(tmp_path: Path, make, message: str) ->
     assert str(path) in text and message in text and "\n" not in text
 
 
-def test_colour_png_becomes_grey_with_a_notice(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name", ["colour.png", "colour-slice.nrrd"], ids=["png", "single-slice-3d-as-slicer-saves"]
+)
+def test_colour_image_becomes_grey_with_a_notice(tmp_path: Path, name: str) -> None:
     rgb = (np.random.default_rng(0).random((10, 12, 3)) * 255).astype(np.uint8)
-    path = _write(rgb, tmp_path / "colour.png", vector=True)
+    stored = rgb if name.endswith(".png") else rgb[None]
+    path = _write(stored, tmp_path / name, vector=True)
     notices: list[str] = []
     image = read_image(path, notices.append)
     assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetSize() == (12, 10)

@@ -64,10 +64,10 @@ def read_image(path: str | os.PathLike, notify: Notify = lambda _m: None) -> sit
     """
     path = Path(path)
     image = _read_any(path, "an image")
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        image = image[:, :, 0]  # a 2-D image stored as a single slice (as Slicer saves one)
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = _to_grey(image, path, notify)
-    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-        image = image[:, :, 0]  # a 2-D image stored as a single slice
     if image.GetDimension() not in (2, 3):
         raise InputError(f"{path}: {image.GetDimension()}-D image; only 2-D and 3-D are supported")
     if min(image.GetSize()) < 2:
