@@ -62,10 +62,14 @@ def _truth(rng: np.random.Generator) -> list[sitk.Transform]:
 
 
 def _shifted(truth: list[sitk.Transform], shift: np.ndarray) -> tuple[sitk.Transform, ...]:
-    """(fixed → shifted-moving truth, sampling transform of the shifted moving image)."""
+    """(fixed → shifted-moving truth, sampling transform of the shifted moving image).
+
+    The shifted moving image is ``source(y − s)``: its content moved by ``s``; so the fixed
+    point ``x`` (``source(truth(x))``) is found at ``truth(x) + s``.
+    """
     after = sitk.TranslationTransform(2, shift.tolist())
     before = sitk.TranslationTransform(2, (-shift).tolist())
-    return sitk.CompositeTransform([after, *truth]), sitk.CompositeTransform([*truth, before])
+    return sitk.CompositeTransform([after, *truth]), before
 
 
 def _resample(source: sitk.Image, transform: sitk.Transform, labels: bool) -> sitk.Image:
@@ -109,12 +113,15 @@ def _write_case(
     truth_shifted, sampling_shifted = _shifted(truth_parts, shift)
     folder.mkdir(parents=True, exist_ok=True)
     identity = sitk.Transform(2, sitk.sitkIdentity)
+    # Resampling gives ``output(x) = source(T(x))``. The fixed image is the source seen through
+    # the truth and the moving image the source itself, so ``moving(truth(x)) = fixed(x)``:
+    # the truth maps fixed points to moving points, the convention of every transform we write.
     outputs = {
-        "fixed": (identity, image, False),
-        "moving": (truth, image, False),
+        "fixed": (truth, image, False),
+        "moving": (identity, image, False),
         "moving_shifted": (sampling_shifted, image, False),
-        "fixed_labels": (identity, labels, True),
-        "moving_labels": (truth, labels, True),
+        "fixed_labels": (truth, labels, True),
+        "moving_labels": (identity, labels, True),
         "moving_shifted_labels": (sampling_shifted, labels, True),
     }
     for name, (transform, source, is_labels) in outputs.items():
