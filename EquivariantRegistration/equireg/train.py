@@ -213,6 +213,8 @@ def train(
                 )
             optimiser.zero_grad()
             loss.backward()
+            if settings.get("grad_clip"):  # optional: a baseline diverged under GradICON without
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimiser.step()
             checkpoint_now = (step + 1) % settings["checkpoint_every"] == 0
             if rank == 0:
