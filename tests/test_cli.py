@@ -86,10 +86,14 @@ def test_register_writes_every_output_and_nothing_else(registered_2d: Path) -> N
 def test_transform_file_reproduces_warped_image_through_simpleitk(
     pair_2d: tuple[Path, Path], registered_2d: Path
 ) -> None:
-    fixed, moving = (sitk.ReadImage(str(p), sitk.sitkFloat32) for p in pair_2d)
-    transform = sitk.ReadTransform(str(registered_2d / "transform.h5"))
+    _check_warped_is_transform(pair_2d, registered_2d)
+
+
+def _check_warped_is_transform(pair: tuple[Path, ...], out: Path) -> None:
+    fixed, moving = (sitk.ReadImage(str(p), sitk.sitkFloat32) for p in pair[:2])
+    transform = sitk.ReadTransform(str(out / "transform.h5"))
     resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0)
-    warped = sitk.ReadImage(str(registered_2d / "warped.nrrd"))
+    warped = sitk.ReadImage(str(out / "warped.nrrd"))
     assert Grid_equal(warped, fixed)
     np.testing.assert_allclose(
         sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(warped), atol=1e-3
@@ -105,8 +109,12 @@ def Grid_equal(a: sitk.Image, b: sitk.Image) -> bool:  # noqa: N802 - reads as a
 
 
 def test_displacement_file_is_the_transform(registered_2d: Path) -> None:
-    field = sitk.ReadImage(str(registered_2d / "displacement.nrrd"))
-    transform = sitk.ReadTransform(str(registered_2d / "transform.h5"))
+    _check_displacement_is_transform(registered_2d)
+
+
+def _check_displacement_is_transform(out: Path) -> None:
+    field = sitk.ReadImage(str(out / "displacement.nrrd"))
+    transform = sitk.ReadTransform(str(out / "transform.h5"))
     values = sitk.GetArrayFromImage(field)
     for index in [(3, 4), (40, 30), (60, 70)]:
         point = field.TransformIndexToPhysicalPoint(index)
@@ -159,6 +167,84 @@ def test_json_progress_lines(
     assert progress == sorted(progress) and 0 <= progress[0] and progress[-1] == 1.0
     assert lines[-1]["stage"] == "done"
     assert set(Path(p).name for p in lines[-1]["outputs"].values()) == OUTPUTS
+
+
+def _known_affine(fixed: sitk.Image) -> sitk.AffineTransform:
+    """Rotation by 8°, scales 1.06 and 0.95, a 2 mm shift: fixed → moving, about the centre."""
+    angle = np.radians(8.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    truth = sitk.AffineTransform(2)
+    truth.SetMatrix((rotation @ np.diag([1.06, 0.95])).flatten().tolist())
+    truth.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([47.5, 39.5]))
+    truth.SetTranslation((1.5, -2.0))
+    return truth
+
+
+@pytest.fixture(scope="module")
+def affine_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, sitk.Transform]:
+    """A 2-D pair whose moving image is the fixed one under a known affine transform, on a grid
+    of its own (other spacing and origin, oblique direction), and that transform."""
+    folder = tmp_path_factory.mktemp("affine_pair")
+    fixed_path = _write(_blobs((96, 80), seed=3), folder / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    truth = _known_affine(fixed)
+    reference = sitk.Image([90, 100], sitk.sitkFloat32)
+    reference.SetSpacing((0.6, 0.55))
+    reference.SetOrigin((8.0, -8.0))
+    tilt = np.radians(5.0)
+    reference.SetDirection([np.cos(tilt), -np.sin(tilt), np.sin(tilt), np.cos(tilt)])
+    moving = sitk.Resample(fixed, reference, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    moving_path = folder / "moving.nrrd"
+    sitk.WriteImage(moving, str(moving_path))
+    return fixed_path, moving_path, truth
+
+
+def test_initial_affine_outputs_are_consistent(
+    affine_pair: tuple[Path, Path, sitk.Transform], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With ``--initial affine`` the network registers the affinely resampled moving image, and
+    transform.h5 (affine ∘ field), displacement.nrrd (the total) and warped.nrrd agree."""
+    out = tmp_path / "affine"
+    options = ("--initial", "affine", "--inverse", "--progress", "json")
+    assert _register(affine_pair, out, *options) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stages = [line["stage"] for line in lines]
+    assert stages.index("load") < stages.index("affine") < stages.index("network")
+    progress = [line["progress"] for line in lines if line["stage"] != "warning"]
+    assert progress == sorted(progress)
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"inverse_transform.h5"}
+    _check_warped_is_transform(affine_pair, out)
+    _check_displacement_is_transform(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["initial"] == "affine" and report["timings_s"]["affine"] > 0
+    assert set(report["affine"]["parameters"]) == {
+        "translation_mm",
+        "rotation_deg",
+        "scale",
+        "shear",
+    }
+    assert "similarity_after_initial" in report
+
+
+def test_initial_affine_recovers_the_transform_and_its_inverse(
+    affine_pair: tuple[Path, Path, sitk.Transform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a network that returns the identity, transform.h5 is the affine stage alone: it must
+    be the known transform (fixed → moving) and inverse_transform.h5 its inverse."""
+    monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.0, 0.0)))
+    fixed, moving, truth = affine_pair
+    result = equireg.api.register(fixed, moving, initial="affine", inverse=True)
+    image = sitk.ReadImage(str(fixed))
+    points = [
+        image.TransformIndexToPhysicalPoint((i, j)) for i in (10, 40, 70) for j in (10, 50, 85)
+    ]
+    for point in points:
+        mapped = np.array(result.transform.TransformPoint(point))
+        # Measured distances ≤ 0.22 mm (a third of a fixed voxel): the blobs reach the border of
+        # the fixed image, so the moving image holds zeros where the fixed content was cut off.
+        np.testing.assert_allclose(mapped, truth.TransformPoint(point), atol=0.4)
+        back = result.inverse_transform.TransformPoint(mapped.tolist())
+        np.testing.assert_allclose(back, point, atol=1e-3)
 
 
 def test_warp_command_with_nearest_keeps_labels(

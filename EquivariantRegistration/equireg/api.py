@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, losses
+from . import __version__, affine, losses
 from .errors import InputError, RegistrationFailure
 from .evaluate import folding_fraction
 from .io import checked_mask, read_image, read_mask, write_image, write_transform
@@ -117,7 +116,15 @@ def resolve_device(spec: str) -> torch.device:
 class _Stages:
     """Turns per-stage progress into one overall fraction and records each stage's wall time."""
 
-    WEIGHTS = {"load": 1, "network": 3, "refine": 6, "field": 2, "warp": 1, "inverse": 6}
+    WEIGHTS = {
+        "load": 1,
+        "affine": 3,
+        "network": 3,
+        "refine": 6,
+        "field": 2,
+        "warp": 1,
+        "inverse": 6,
+    }
 
     def __init__(self, progress: Progress | None, stages: list[str]):
         self.progress = progress or (lambda *_: None)
@@ -251,8 +258,13 @@ def _one_direction(
     field_grid: str,
     stages: _Stages,
     stage_names: tuple[str, str, str],
+    unaligned: sitk.Image | None = None,
 ) -> tuple[sitk.Image, dict[str, Any], list[str]]:
-    """Run the network (and refinement) for one direction; returns the physical field."""
+    """Run the network (and refinement) for one direction; returns the physical field.
+
+    ``unaligned`` is the moving image before an initial alignment (``moving`` is then its
+    resampling onto the fixed grid): "similarity_before" is measured on it.
+    """
     network_stage, refine_stage, field_stage = stage_names
     warnings: list[str] = []
     shape = card.input_shape
@@ -289,14 +301,25 @@ def _one_direction(
         phi = _refine(phi, moving_net, fixed_net, refine_steps, mask_net, report_step)
 
     stages.enter(field_stage, "computing the displacement field")
-    moving_on_fixed = sitk.GetArrayFromImage(resample_to_grid(moving, fixed_grid))
-    before = torch.from_numpy(normalise_intensity(moving_on_fixed, card.preprocessing))[None, None]
+
+    def on_fixed_grid(image: sitk.Image) -> torch.Tensor:
+        values = sitk.GetArrayFromImage(resample_to_grid(image, fixed_grid))
+        return torch.from_numpy(normalise_intensity(values, card.preprocessing))[None, None]
+
     after = warp(moving_net, phi, shape)
     quality = {
-        "similarity_before": _similarity(before.to(compute), fixed_net, mask_net),
+        "similarity_before": _similarity(
+            on_fixed_grid(moving if unaligned is None else unaligned).to(compute),
+            fixed_net,
+            mask_net,
+        ),
         "similarity_after": _similarity(after, fixed_net, mask_net),
         "device": str(device),
     }
+    if unaligned is not None:
+        quality["similarity_after_initial"] = _similarity(
+            on_fixed_grid(moving).to(compute), fixed_net, mask_net
+        )
     output_grid = fixed_grid if field_grid == "network" else Grid.of(fixed)
     field_values = physical_displacement(phi, fixed_grid, moving_grid, output_grid, like=values)
     quality["folding_fraction"] = folding_fraction(
@@ -315,7 +338,13 @@ def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransfor
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
-    peak = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    peak: dict[str, float] = {}
+    try:  # Unix only; Slicer on Windows runs the engine too
+        import resource
+
+        peak["cpu_max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except ImportError:
+        pass
     if device.type == "cuda":
         peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
@@ -343,15 +372,20 @@ def register(
     network with swapped inputs; ``field_grid`` is ``network`` (the model's resolution over the
     fixed extent, default) or ``fixed`` (the fixed image's own grid). ``progress(stage,
     fraction, message)`` is called as work proceeds. Raises ``InputError`` for bad input.
+
+    ``initial`` (``translation``, ``rigid`` or ``affine``) first aligns the images in physical
+    space (``affine.align``); the network then registers the fixed image to the moving image
+    resampled through that alignment, and the result is their composition.
     """
-    if initial != "none":
-        raise InputError(f"--initial {initial}: only 'none' is available in this version")
+    if initial not in ("none", *affine.MODES):
+        raise InputError(f"--initial {initial}: must be none, {', '.join(affine.MODES)}")
     if refine_steps < 0:
         raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
     if field_grid not in ("network", "fixed"):
         raise InputError(f"field grid {field_grid!r}: must be 'network' or 'fixed'")
     notices: list[str] = []
-    stage_list = ["load", "network"] + (["refine"] if refine_steps else []) + ["field", "warp"]
+    stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
+    stage_list += (["refine"] if refine_steps else []) + ["field", "warp"]
     stage_list += ["inverse"] if inverse else []
     stages = _Stages(progress, stage_list)
     stages.enter("load", "reading images and model")
@@ -373,20 +407,40 @@ def register(
             f"model {card.name} is UNTRAINED (random weights): results are not meaningful"
         )
 
+    alignment, network_moving, network_moving_mask = None, moving_image, moving_mask_image
+    if initial != "none":
+        stages.enter("affine", f"{initial} alignment")
+        alignment = affine.align(
+            fixed_image,
+            moving_image,
+            initial,
+            fixed_mask=fixed_mask_image,
+            moving_mask=moving_mask_image,
+            device=torch_device,
+            progress=lambda fraction, message: stages.update("affine", fraction, message),
+        )
+        network_moving, network_moving_mask = alignment.resample(
+            moving_image, moving_mask_image, fixed_image
+        )
+
     displacement, quality, warnings = _one_direction(
         network,
         card,
         fixed_image,
-        moving_image,
+        network_moving,
         fixed_mask_image,
-        moving_mask_image,
+        network_moving_mask,
         torch_device,
         refine_steps,
         field_grid,
         stages,
         ("network", "refine", "field"),
+        unaligned=moving_image if alignment is not None else None,
     )
     transform = _field_transform(displacement)
+    if alignment is not None:  # x ↦ T(x + u(x)): CompositeTransform applies the last added first
+        transform = sitk.CompositeTransform([alignment.transform(), transform])
+        displacement = alignment.compose_displacement(displacement)
 
     stages.enter("warp", "resampling the moving image")
     warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0)
@@ -398,9 +452,9 @@ def register(
         inverse_field, _, inverse_warnings = _one_direction(
             network,
             card,
-            moving_image,
+            network_moving,
             fixed_image,
-            moving_mask_image,
+            network_moving_mask,
             fixed_mask_image,
             torch_device,
             refine_steps,
@@ -410,6 +464,10 @@ def register(
         )
         warnings += inverse_warnings
         inverse_transform = _field_transform(inverse_field)
+        if alignment is not None:  # y ↦ v(T⁻¹ y): the alignment's inverse is applied first
+            inverse_transform = sitk.CompositeTransform(
+                [inverse_transform, alignment.transform().GetInverse()]
+            )
 
     timings = stages.finish()
     report = {
@@ -436,6 +494,7 @@ def register(
             "moving_mask": moving_mask is not None,
         },
         **quality,
+        **({"affine": alignment.report()} if alignment is not None else {}),
         "timings_s": timings,
         "peak_memory": _peak_memory(torch.device(quality["device"])),
         "warnings": notices + warnings,
