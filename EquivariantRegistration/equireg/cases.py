@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .evaluate import dense_field_error, dice, target_registration_error
+from .evaluate import dense_field_error, dice, overlap_mask, target_registration_error
 from .io import read_image, read_landmarks
 
 VARIANTS = {"plain": ("moving", "truth.tfm"), "shifted": ("moving_shifted", "truth_shifted.tfm")}
@@ -48,13 +48,6 @@ def find_cases(root: Path) -> list[Case]:
     return [Case(folder, variant) for folder in folders for variant in VARIANTS]
 
 
-def _inside_moving(truth: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> sitk.Image:
-    """Fixed voxels whose true image lies inside the moving image (where it holds evidence)."""
-    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(moving)
-    return sitk.Resample(ones, fixed, truth, sitk.sitkNearestNeighbor, 0)
-
-
 def score(case: Case, transform: sitk.Transform) -> dict[str, float]:
     """Landmark error, label overlap and dense-field error (mm) of ``transform`` on ``case``."""
     fixed = read_image(case.fixed)
@@ -70,7 +63,7 @@ def score(case: Case, transform: sitk.Transform) -> dict[str, float]:
     fixed_labels = sitk.ReadImage(str(case.folder / "fixed_labels.nrrd"))
     moving_labels = sitk.ReadImage(str(case.folder / f"{prefix}_labels.nrrd"))
     warped_labels = sitk.Resample(moving_labels, fixed_labels, transform, sitk.sitkNearestNeighbor)
-    field = dense_field_error(transform, truth, fixed, _inside_moving(truth, fixed, moving))
+    field = dense_field_error(transform, truth, fixed, overlap_mask(truth, fixed, moving))
     return {
         "tre_mean_mm": tre["mean"],
         "tre_p90_mm": tre["p90"],

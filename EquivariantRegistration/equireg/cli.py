@@ -125,6 +125,35 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .assess import assess_transform, model_equivariance
+
+    metrics = assess_transform(
+        args.fixed,
+        args.moving,
+        args.transform,
+        fixed_landmarks=args.fixed_landmarks,
+        moving_landmarks=args.moving_landmarks,
+        fixed_labels=args.fixed_labels,
+        moving_labels=args.moving_labels,
+        truth=args.truth,
+    )
+    if args.equivariance is not None:
+        metrics["equivariance"] = model_equivariance(
+            args.fixed, args.moving, args.equivariance, args.shift, args.device
+        )
+    text = json.dumps(metrics, indent=2)
+    if args.output is not None:
+        from .io import atomic_write
+
+        try:
+            atomic_write(args.output, lambda path: Path(path).write_text(text + "\n"))
+        except OSError as error:
+            raise InputError(f"{args.output}: cannot be written ({error.strerror})") from None
+    print(text)
+    return EXIT_OK
+
+
 def _train(args: argparse.Namespace) -> int:
     from .api import resolve_device
     from .train import load_config, train
@@ -158,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("-o", "--output-dir", required=True, help="folder for the outputs")
     reg.add_argument("--model", default="auto", help="auto, a bundled name, or a .pt path")
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    reg.add_argument("--initial", default="none", choices=["none"], help="initial alignment")
+    reg.add_argument(
+        "--initial",
+        default="none",
+        choices=["none", "translation", "rigid", "affine"],
+        help="alignment in physical space before the network (composed into transform.h5)",
+    )
     reg.add_argument("--refine-steps", type=int, default=0, help="instance optimisation steps")
     reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
     reg.add_argument("--moving-mask", help="mask on the moving image's grid")
@@ -179,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("-o", "--output", required=True)
     warp.add_argument("--interpolation", default="linear", choices=["linear", "nearest"])
     warp.set_defaults(run=_warp)
+
+    ev = commands.add_parser("evaluate", help="metrics of a transform (fixed -> moving) on a pair")
+    ev.add_argument("fixed", help="fixed image")
+    ev.add_argument("moving", help="moving image")
+    ev.add_argument("--transform", required=True, help="ITK transform (fixed -> moving points)")
+    ev.add_argument("--fixed-landmarks", help="CSV x,y[,z] in LPS mm, one header row")
+    ev.add_argument("--moving-landmarks", help="CSV matching --fixed-landmarks row by row")
+    ev.add_argument("--fixed-labels", help="label map on the fixed grid (for Dice)")
+    ev.add_argument("--moving-labels", help="label map on the moving grid (warped nearest)")
+    ev.add_argument("--truth", help="true transform (fixed -> moving): dense-field error")
+    ev.add_argument(
+        "--equivariance",
+        metavar="MODEL",
+        help="also the equivariance error of MODEL (auto, a bundled name or a .pt path)",
+    )
+    ev.add_argument(
+        "--shift", type=int, default=8, help="moving shift in model-grid voxels (--equivariance)"
+    )
+    ev.add_argument("--device", default="auto", help="device for --equivariance")
+    ev.add_argument("-o", "--output", help="also write the JSON to this file")
+    ev.set_defaults(run=_evaluate)
 
     demo = commands.add_parser("demo", help="register the bundled sample pair(s)")
     demo.add_argument("-o", "--output-dir", default="demo-output")

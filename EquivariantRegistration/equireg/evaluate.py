@@ -212,6 +212,15 @@ def dice(fixed_labels: sitk.Image, warped_labels: sitk.Image) -> dict[str, float
     return scores
 
 
+def transform_field(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
+    """``T(x) − x`` (LPS mm) at every voxel ``x`` of ``reference``: ``(*S, d)``, vectors in ITK
+    order; how any tool's transform is compared with a truth or checked for folding."""
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    to_field.SetReferenceImage(reference)
+    return sitk.GetArrayFromImage(to_field.Execute(transform))
+
+
 def dense_field_error(
     transform: sitk.Transform,
     truth: sitk.Transform,
@@ -220,13 +229,8 @@ def dense_field_error(
 ) -> dict[str, float]:
     """Distance (mm) between ``T(x)`` and ``truth(x)`` over the voxels ``x`` of ``reference``
     (the fixed grid), inside ``mask`` when given: ``mean``, ``p90``, ``max``."""
-    fields = []
-    for t in (transform, truth):
-        to_field = sitk.TransformToDisplacementFieldFilter()
-        to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
-        to_field.SetReferenceImage(reference)
-        fields.append(sitk.GetArrayFromImage(to_field.Execute(t)))
-    distances = np.linalg.norm(fields[0] - fields[1], axis=-1)
+    difference = transform_field(transform, reference) - transform_field(truth, reference)
+    distances = np.linalg.norm(difference, axis=-1)
     if mask is not None:
         distances = distances[sitk.GetArrayViewFromImage(mask) > 0]
     return {
@@ -234,3 +238,11 @@ def dense_field_error(
         "p90": float(np.percentile(distances, 90)),
         "max": float(np.max(distances)),
     }
+
+
+def overlap_mask(truth: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> sitk.Image:
+    """Fixed voxels whose true position ``truth(x)`` lies inside the moving image: where the
+    moving image holds evidence, so where a dense-field error can be asked of any method."""
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    return sitk.Resample(ones, fixed, truth, sitk.sitkNearestNeighbor, 0)

@@ -1,0 +1,186 @@
+"""What ``equireg evaluate`` computes: the metrics of ``evaluate.py`` for any transform file.
+
+The transform maps fixed physical points to moving ones (design §3), whichever tool made it, so
+the same function scores this project, elastix, ANTs or a hand-made transform. Every file
+problem is an ``InputError`` naming the file; metrics whose inputs are not given are left out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .evaluate import (
+    dense_field_error,
+    dice,
+    equivariance_error,
+    folding_fraction,
+    overlap_mask,
+    similarity_report,
+    target_registration_error,
+    transform_field,
+)
+from .io import read_image, read_landmarks, read_transform
+from .preprocess import network_input
+
+PathLike = str | os.PathLike
+
+
+def _read_labels(path: PathLike, dim: int) -> sitk.Image:
+    """A label map (integers; label 0 is background) of dimension ``dim``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such label file")
+    try:
+        labels = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"{path}: cannot be read as a label image") from None
+    if labels.GetDimension() == 3 and dim == 2 and labels.GetSize()[2] == 1:
+        labels = labels[:, :, 0]
+    if labels.GetDimension() != dim or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: label map must be a scalar {dim}-D image")
+    return sitk.Cast(labels, sitk.sitkInt32)
+
+
+def _read_mapping(path: PathLike, dim: int) -> sitk.Transform:
+    mapping = read_transform(path)
+    if mapping.GetDimension() != dim:
+        raise InputError(f"{path}: {mapping.GetDimension()}-D transform for {dim}-D images")
+    return mapping
+
+
+def _pair(first: PathLike | None, second: PathLike | None, what: str) -> bool:
+    """Whether an optional fixed/moving pair is given; one without the other is an error."""
+    if (first is None) != (second is None):
+        raise InputError(f"{what}: give both the fixed and the moving file, or neither")
+    return first is not None
+
+
+def _landmarks(
+    fixed: PathLike, moving: PathLike, transform: sitk.Transform, dim: int
+) -> dict[str, Any]:
+    fixed_points, moving_points = read_landmarks(fixed, dim), read_landmarks(moving, dim)
+    if fixed_points.shape != moving_points.shape:
+        raise InputError(
+            f"{moving}: {len(moving_points)} landmarks, but {fixed} has {len(fixed_points)}"
+        )
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    _, before = target_registration_error(fixed_points, moving_points, identity)
+    _, after = target_registration_error(fixed_points, moving_points, transform)
+    return {"count": len(fixed_points), "before_mm": before, "after_mm": after}
+
+
+def _dice(fixed: PathLike, moving: PathLike, transform: sitk.Transform, dim: int) -> dict[str, Any]:
+    fixed_labels, moving_labels = _read_labels(fixed, dim), _read_labels(moving, dim)
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    nearest = sitk.sitkNearestNeighbor
+    return {
+        "before": dice(fixed_labels, sitk.Resample(moving_labels, fixed_labels, identity, nearest)),
+        "after": dice(fixed_labels, sitk.Resample(moving_labels, fixed_labels, transform, nearest)),
+    }
+
+
+def assess_transform(
+    fixed: PathLike,
+    moving: PathLike,
+    transform: PathLike,
+    *,
+    fixed_landmarks: PathLike | None = None,
+    moving_landmarks: PathLike | None = None,
+    fixed_labels: PathLike | None = None,
+    moving_labels: PathLike | None = None,
+    truth: PathLike | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``transform`` (fixed → moving physical points) on the pair, as a JSON-able dict.
+
+    Always: similarity before/after (``moving`` resampled onto the fixed grid without, then
+    with the transform) and the folding fraction of the transform sampled on the fixed grid.
+    With landmarks: TRE (mm) before and after; with labels: Dice of the moving labels warped by
+    nearest neighbour; with ``truth``: the dense-field error (mm) over the fixed voxels whose true
+    position lies inside the moving image.
+    """
+    with_landmarks = _pair(fixed_landmarks, moving_landmarks, "landmarks")
+    with_labels = _pair(fixed_labels, moving_labels, "labels")
+    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    dim = fixed_image.GetDimension()
+    if moving_image.GetDimension() != dim:
+        raise InputError(
+            f"{moving}: {moving_image.GetDimension()}-D but the fixed image is {dim}-D"
+        )
+    mapping = _read_mapping(transform, dim)
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    before = sitk.Resample(moving_image, fixed_image, identity, sitk.sitkLinear, 0.0)
+    after = sitk.Resample(moving_image, fixed_image, mapping, sitk.sitkLinear, 0.0)
+    arrays = (sitk.GetArrayFromImage(image) for image in (fixed_image, before, after))
+    field = transform_field(mapping, fixed_image)
+    metrics: dict[str, Any] = {
+        "inputs": {"fixed": str(fixed), "moving": str(moving), "transform": str(transform)},
+        "similarity": similarity_report(*arrays),
+        "folding_fraction": folding_fraction(
+            field, fixed_image.GetSpacing(), fixed_image.GetDirection()
+        ),
+    }
+    if with_landmarks:
+        metrics["landmarks"] = _landmarks(fixed_landmarks, moving_landmarks, mapping, dim)
+    if with_labels:
+        metrics["dice"] = _dice(fixed_labels, moving_labels, mapping, dim)
+    if truth is not None:
+        true_mapping = _read_mapping(truth, dim)
+        inside = overlap_mask(true_mapping, fixed_image, moving_image)
+        metrics["field_error_mm"] = dense_field_error(mapping, true_mapping, fixed_image, inside)
+    return metrics
+
+
+def model_equivariance(
+    fixed: PathLike,
+    moving: PathLike,
+    model: str,
+    shift: int,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """``evaluate.equivariance_error`` of a model on this pair, moving image shifted by ``shift``.
+
+    Both images are brought to the model's input grid as ``register`` does; the moving one is
+    rolled by ``shift`` voxels along every axis (a multiple of 4 keeps the 1/4-resolution
+    attention step exactly equivariant), and the error is the mean distance, in moving voxels of
+    the model grid, between the map of the shifted pair and the unshifted map with the shift
+    undone, over fixed voxels at least ``|shift| + 8`` from the border (rolled content wraps).
+    """
+    from .api import resolve_device
+    from .models import load_network, read_card
+
+    torch_device = resolve_device(device)
+    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    card = read_card(model, fixed_image.GetDimension())
+    margin = abs(shift) + 8
+    if 2 * margin >= min(card.input_shape):
+        raise InputError(
+            f"--shift {shift}: too large for the {card.name} input grid {card.input_shape}"
+        )
+    network = load_network(card).to(torch_device)
+    fixed_net, _ = network_input(fixed_image, card.input_shape, card.preprocessing)
+    moving_net, _ = network_input(moving_image, card.input_shape, card.preprocessing)
+    dim = card.dim
+    error = equivariance_error(
+        network,
+        moving_net.to(torch_device),
+        fixed_net.to(torch_device),
+        shift_moving=(shift,) * dim,
+        shift_fixed=(0,) * dim,
+        margin=margin,
+    )
+    if torch_device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "model": card.name,
+        "trained": card.trained,
+        "device": str(torch_device),
+        "shift_voxels": [shift] * dim,
+        "margin_voxels": margin,
+        "error_voxels": error,
+    }
