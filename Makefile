@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: demo test lint format bench cases lung-data clean
+.PHONY: demo test lint format bench bench-affine cases lung-data clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +27,20 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/attention.py
+# Peers for the benchmarks (elastix, ANTs, icon-registration). --no-deps: every dependency is
+# pinned in the lock; antspyx's declared numpy<2.4/scipy<1.16 and icon-registration's
+# torchvision/tensorboard would otherwise break the resolution (both run with the locked ones).
+$(BENCH_STAMP): $(STAMP) requirements-bench.lock
+	$(BIN)/pip install -q --no-deps -r requirements-bench.lock
+	touch $@
+
+# CPU part (~20-25 min on 2 cores): rewrites docs/benchmarks.md and docs/figures/bench_*.png.
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
+
+# The affine pre-alignment against SimpleITK and elastix (~12 min): the tables of docs/affine.md.
+bench-affine: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/affine.py
 
 # Rebuilds Testing/ from data shipped in PyPI packages (scikit-image's fundus photograph).
 cases: $(STAMP)

@@ -12,13 +12,11 @@ when a GPU is present. Each entry is the best of ``R`` runs after a warm-up.
 from __future__ import annotations
 
 import argparse
-import platform
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from common import best_time, cpu_model
 
 from equireg.nn.attention import attention
 
@@ -47,32 +45,6 @@ def torch_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
     padded = F.pad(value, (0, query.shape[-1] - value.shape[-1]))
     out = F.scaled_dot_product_attention(query[:, None], key[:, None], padded[:, None], scale=1.0)
     return out[:, 0, :, : value.shape[-1]]
-
-
-def best_time(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall time of ``repeats`` runs after one warm-up run."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def benchmark(device: torch.device, repeats: int) -> list[tuple]:

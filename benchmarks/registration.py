@@ -1,0 +1,228 @@
+"""Accuracy and time per regression case: ``python benchmarks/registration.py``.
+
+Registers every case of ``Testing/`` (both variants, plain and shifted) with this project and
+with the tools users would pick instead, all in this one process on the same files, and scores
+every resulting transform (fixed → moving physical points) with ``equireg.cases.score`` plus the
+folding fraction of the transform sampled on the fixed grid. Systems: identity; equireg with the
+bundled model on CPU (and CUDA when present); models given with ``--model NAME=PATH`` (e.g. the
+U-Net-only and AiR baselines); elastix (PyPI ``itk-elastix``, default affine + B-spline maps);
+ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline).
+Prints one markdown table and writes ``docs/figures/bench_registration.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from common import FIGURES, ROOT, fmt, machine, markdown_table
+
+from equireg.api import register
+from equireg.cases import Case, find_cases, score
+from equireg.evaluate import folding_fraction, transform_field
+from equireg.io import read_image
+
+# A system takes (fixed path, moving path, scratch folder) and returns fixed -> moving.
+System = Callable[[Path, Path, Path], sitk.Transform]
+
+
+def identity(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    return sitk.Transform(read_image(fixed).GetDimension(), sitk.sitkIdentity)
+
+
+def equireg(fixed: Path, moving: Path, scratch: Path, model: str, device: str) -> sitk.Transform:
+    return register(fixed, moving, model=model, device=device).transform
+
+
+def elastix(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """elastix's default affine then B-spline maps. Its transform maps fixed points to moving
+    points (the resampling convention); transformix samples it as a displacement field on the
+    fixed grid, which becomes a SimpleITK transform with the fixed image's geometry."""
+    import itk
+
+    fixed_image, moving_image = itk.imread(str(fixed), itk.F), itk.imread(str(moving), itk.F)
+    parameters = itk.ParameterObject.New()
+    for name in ("affine", "bspline"):
+        parameters.AddParameterMap(parameters.GetDefaultParameterMap(name))
+    _, result = itk.elastix_registration_method(
+        fixed_image, moving_image, parameter_object=parameters, log_to_console=False
+    )
+    field = itk.transformix_deformation_field(moving_image, result, output_directory=str(scratch))
+    image = sitk.GetImageFromArray(itk.array_from_image(field).astype(np.float64), isVector=True)
+    image.CopyInformation(read_image(fixed))
+    return sitk.DisplacementFieldTransform(image)
+
+
+def ants_syn(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """ANTs SyN (with its default rigid + affine initialisation). Its forward transforms
+    resample the moving image onto the fixed grid, so they map fixed points to moving points;
+    antsApplyTransforms composes them into one displacement field on the fixed grid."""
+    import ants
+
+    fixed_image, moving_image = ants.image_read(str(fixed)), ants.image_read(str(moving))
+    result = ants.registration(
+        fixed_image, moving_image, type_of_transform="SyN", outprefix=str(scratch / "ants_")
+    )
+    composed = ants.apply_transforms(
+        fixed_image, moving_image, result["fwdtransforms"], compose=str(scratch / "ants_field_")
+    )
+    field = sitk.Cast(sitk.ReadImage(composed), sitk.sitkVectorFloat64)
+    return sitk.DisplacementFieldTransform(field)
+
+
+def _method(shrink: list[int]) -> sitk.ImageRegistrationMethod:
+    """Normalised correlation (the pairs are mono-modal), a multi-resolution pyramid."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsCorrelation()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel([s / 2 for s in shrink])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return method
+
+
+def simpleitk(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """A classical SimpleITK pipeline: affine (gradient descent, started from the images' centres
+    of mass, which finds large shifts that the geometric centres miss), then a B-spline on an
+    8-cell mesh (L-BFGS-B) after it. ``Execute`` optimises the transform that maps fixed points
+    to moving ones, and the B-spline acts before the affine: ``T = A ∘ B``."""
+    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    dim = fixed_image.GetDimension()
+    moments = sitk.CenteredTransformInitializerFilter.MOMENTS
+    start = sitk.CenteredTransformInitializer(
+        fixed_image, moving_image, sitk.AffineTransform(dim), moments
+    )
+    affine_method = _method([4, 2, 1])
+    affine_method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
+    affine_method.SetOptimizerScalesFromPhysicalShift()
+    affine_method.SetInitialTransform(start, inPlace=False)
+    affine = affine_method.Execute(fixed_image, moving_image)
+    bspline = sitk.BSplineTransformInitializer(fixed_image, [8] * dim)
+    bspline_method = _method([2, 1])
+    bspline_method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100)
+    bspline_method.SetMovingInitialTransform(affine)
+    bspline_method.SetInitialTransform(bspline, inPlace=True)
+    bspline_method.Execute(fixed_image, moving_image)
+    return sitk.CompositeTransform([affine, bspline])
+
+
+def systems(models: dict[str, str], only: set[str] | None) -> dict[str, System]:
+    """Every system this run compares, by the name its table rows carry."""
+    found: dict[str, System] = {
+        "identity": identity,
+        "equireg (cpu)": partial(equireg, model="auto", device="cpu"),
+    }
+    if torch.cuda.is_available():
+        found["equireg (cuda)"] = partial(equireg, model="auto", device="cuda")
+    for name, path in models.items():
+        found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
+    found |= {"elastix affine+B-spline": elastix, "ANTs SyN": ants_syn, "SimpleITK": simpleitk}
+    return {k: v for k, v in found.items() if only is None or k.split(" ")[0] in only}
+
+
+def run(system: System, case: Case) -> dict[str, float]:
+    """Time one registration (wall clock, in this process) and score its transform."""
+    scratch = Path(tempfile.mkdtemp(prefix="equireg-bench-"))
+    try:
+        start = time.perf_counter()
+        transform = system(case.fixed, case.moving, scratch)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    fixed = read_image(case.fixed)
+    field = transform_field(transform, fixed)
+    folding = folding_fraction(field, fixed.GetSpacing(), fixed.GetDirection())
+    return {**score(case, transform), "folding": folding, "seconds": seconds}
+
+
+def warm_up(found: dict[str, System], case: Case) -> None:
+    """One untimed run of the learnt systems (first-call kernel set-up) and the peers' imports
+    (itk loads its modules lazily, for seconds), so that times are per registration."""
+    import ants  # noqa: F401
+    import itk
+
+    itk.ElastixRegistrationMethod  # noqa: B018 - forces itk's lazy load
+    for name, system in found.items():
+        if name.endswith(("(cpu)", "(cuda)")):
+            system(case.fixed, case.moving, Path(tempfile.gettempdir()))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Dice and mean TRE per system, plain vs shifted variant (means over the cases)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    width = 0.38
+    for offset, variant in enumerate(("plain", "shifted")):
+        positions = np.arange(len(names)) + (offset - 0.5) * width
+        for axis, key in zip(axes, ("dice", "tre_mean_mm", "seconds"), strict=True):
+            values = [
+                np.mean([r[key] for r in rows if r["system"] == n and r["variant"] == variant])
+                for n in names
+            ]
+            axis.bar(positions, values, width, label=variant)
+    titles = ("Dice (higher is better)", "mean TRE, mm (lower is better)", "time, s (log)")
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=7)
+        axis.set_title(title, fontsize=9)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--systems", help="comma-separated first words of system names to run")
+    parser.add_argument("--cases", type=Path, default=ROOT / "Testing")
+    args = parser.parse_args()
+    models = dict(item.split("=", 1) for item in args.model)
+    only = set(args.systems.split(",")) if args.systems else None
+    found = systems(models, only)
+    cases = find_cases(args.cases)
+    print(f"Machine: {machine()}\n")
+    warm_up(found, cases[0])
+    rows = []
+    for case in cases:
+        for name, system in found.items():
+            try:
+                result = run(system, case)
+            except Exception as error:  # noqa: BLE001 - a failing peer is a table entry
+                result = {"error": f"{type(error).__name__}: {str(error)[:80]}"}
+            rows.append({"system": name, "case": case.name, "variant": case.variant, **result})
+    headers = ["system", "case", "TRE mean (mm)", "TRE p90 (mm)", "Dice", "field error (mm)"]
+    headers += ["folding (%)", "time (s)"]
+    table = [
+        [
+            row["system"],
+            row["case"],
+            fmt(row.get("tre_mean_mm")),
+            fmt(row.get("tre_p90_mm")),
+            fmt(row.get("dice")),
+            fmt(row.get("field_error_mean_mm")),
+            fmt(100 * row["folding"], 2) if "folding" in row else row.get("error", "–"),
+            fmt(row.get("seconds"), 1),
+        ]
+        for row in sorted(rows, key=lambda r: (r["case"], list(found).index(r["system"])))
+    ]
+    print(markdown_table(headers, table, 2))
+    plot([r for r in rows if "dice" in r], FIGURES / "bench_registration.png")
+
+
+if __name__ == "__main__":
+    main()
