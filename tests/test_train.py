@@ -150,7 +150,7 @@ def test_two_gloo_processes_train_one_model_with_torchrun(tmp_path):
     assert any(differs)
 
 
-@pytest.mark.parametrize("kind", ["lung"])
+@pytest.mark.parametrize("kind", ["heart"])
 def test_unknown_data_kind_is_refused(tmp_path, kind):
     config = copy.deepcopy(TINY_CONFIG)
     config["data"]["kind"] = kind
