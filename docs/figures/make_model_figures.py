@@ -1,7 +1,10 @@
 """The equivariance table and figure of docs/models.md: the bundled retina2d model and the
-displacement-only U-Net (same data, same steps) on the regression cases, unshifted and shifted.
+baselines trained on the same data for the same steps (displacement-only U-Net, AiR) on the
+regression cases, unshifted and shifted.
 
-    .venv/bin/python docs/figures/make_model_figures.py --unet runs/unet_retina2d/unet_retina2d.json
+    .venv/bin/python docs/figures/make_model_figures.py \
+        --baseline "U-Net only=runs/unet_retina2d/unet_retina2d.json" \
+        --baseline "AiR=runs/air_retina2d/air_retina2d.json"
 
 Prints a markdown table and writes docs/figures/retina_shift.png.
 """
@@ -26,11 +29,12 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unet", help="model card of the trained U-Net-only baseline")
+    parser.add_argument(
+        "--baseline", action="append", default=[], help="LABEL=CARD of a trained baseline"
+    )
     args = parser.parse_args()
     models = {"retina2d (ours)": "retina2d"}
-    if args.unet:
-        models["U-Net only"] = args.unet
+    models.update(spec.split("=", 1) for spec in args.baseline)
     print("| model | case | moving | TRE mean (mm) | Dice | field error (mm) | time (s) |")
     print("|---|---|---|---|---|---|---|")
     warped = {}
