@@ -136,3 +136,13 @@ def volume_pair(folder: Path, size: Sequence[int], spacing: Sequence[float]) -> 
         paths.append(folder / f"volume{seed}.nrrd")
         sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(paths[-1]), False)
     return paths[0], paths[1]
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

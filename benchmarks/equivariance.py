@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from common import FIGURES, ROOT, fmt, machine, markdown_table
+from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 
 from equireg.cases import VARIANTS, Case, find_cases
 from equireg.compose import RegistrationStep
@@ -110,10 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_xticks(np.arange(len(rows)), names, rotation=15, ha="right", fontsize=7)
     trained = all(r["trained"] for r in rows)
     fig.suptitle("trained weights" if trained else "includes RANDOM weights", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

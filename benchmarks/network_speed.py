@@ -32,6 +32,7 @@ from common import (
     markdown_table,
     run_child,
     run_measured,
+    save_figure,
     volume_pair,
 )
 
@@ -217,10 +218,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Network forward on {rows[0]['device']}, random weights", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def status(value: float | None, limit: float, at_most: bool = True, gpu: bool = True) -> str:

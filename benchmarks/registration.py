@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from common import FIGURES, ROOT, fmt, machine, markdown_table
+from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 
 from equireg.api import register
 from equireg.cases import Case, find_cases, score
@@ -179,10 +179,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_title(title, fontsize=9)
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import FIGURES, fmt, machine, markdown_table, run_measured, volume_pair
+from common import (
+    FIGURES,
+    fmt,
+    machine,
+    markdown_table,
+    run_measured,
+    save_figure,
+    volume_pair,
+)
 
 from equireg.models import read_card
 
@@ -100,10 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set(xlabel="voxels (millions)", ylabel="peak RSS (MB)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"`equireg register` on {rows[0]['device']}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
