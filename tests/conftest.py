@@ -30,6 +30,26 @@ def oblique_image(values: np.ndarray, angle: float = 0.4) -> sitk.Image:
     return image
 
 
+def gaussian_blobs(
+    shape: tuple[int, ...],
+    seed: int = 0,
+    centres: tuple[float, float] = (0.1, 0.9),
+    widths: tuple[float, float] = (0.05, 0.15),
+) -> np.ndarray:
+    """Twelve Gaussian blobs: a smooth random image to register. Centres are drawn uniformly
+    in ``centres`` and widths in ``widths``, both as fractions of the field of view."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    image = np.zeros(shape)
+    for _ in range(12):
+        centre = rng.uniform(*centres, len(shape))
+        width = rng.uniform(*widths)
+        image += np.exp(
+            -sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2)
+        )
+    return (100 * image).astype(np.float32)
+
+
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def dim(request: pytest.FixtureRequest) -> int:
     return request.param

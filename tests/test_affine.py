@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import oblique_image, rotation_matrix
+from conftest import gaussian_blobs, oblique_image, rotation_matrix
 
 from equireg import affine
 from equireg.space import Grid
@@ -23,16 +23,7 @@ from equireg.space import Grid
 
 def _blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Gaussian blobs in the middle half of the image: structure inside, zero at the border."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
-    image = np.zeros(shape)
-    for _ in range(12):
-        centre = rng.uniform(0.25, 0.75, len(shape))
-        width = rng.uniform(0.04, 0.1)
-        image += np.exp(
-            -sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2)
-        )
-    return (100 * image).astype(np.float32)
+    return gaussian_blobs(shape, seed, centres=(0.25, 0.75), widths=(0.04, 0.1))
 
 
 def _centre(image: sitk.Image) -> np.ndarray:

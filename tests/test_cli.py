@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import gaussian_blobs
 
 import equireg.api
 from equireg.cli import main
@@ -24,16 +25,7 @@ OUTPUTS = {"transform.h5", "displacement.nrrd", "warped.nrrd", "report.json"}
 
 def _blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """A smooth random image with structure everywhere (for registration)."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
-    image = np.zeros(shape)
-    for _ in range(12):
-        centre = rng.uniform(0.1, 0.9, len(shape))
-        width = rng.uniform(0.05, 0.15)
-        image += np.exp(
-            -sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) / (2 * width**2)
-        )
-    return (100 * image).astype(np.float32)
+    return gaussian_blobs(shape, seed)
 
 
 def _write(array: np.ndarray, path: Path, spacing=None, origin=None) -> Path:
