@@ -190,6 +190,7 @@ def train(
     log_path = output / LOG
     write_header = rank == 0 and not log_path.exists()
     began = time.perf_counter()
+    last_validation: float | None = None
     with open(log_path, "a", newline="") if rank == 0 else contextlib.nullcontext() as log_file:
         log = csv.writer(log_file) if log_file else None
         if write_header:
@@ -216,13 +217,11 @@ def train(
             if settings.get("grad_clip"):  # optional: a baseline diverged under GradICON without
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimiser.step()
-            checkpoint_now = (step + 1) % settings["checkpoint_every"] == 0
+            save_now = (step + 1) % settings["checkpoint_every"] == 0 or step + 1 == total_steps
             if rank == 0:
-                validation_error = (
-                    validation_map_error(model, validation)
-                    if checkpoint_now or step + 1 == total_steps
-                    else float("nan")
-                )
+                validation_error = float("nan")
+                if save_now:
+                    validation_error = last_validation = validation_map_error(model, validation)
                 log.writerow(
                     [
                         step + 1,
@@ -236,7 +235,7 @@ def train(
                     ]
                 )
                 report(step + 1, parts)
-                if checkpoint_now or step + 1 == total_steps:
+                if save_now:
                     log_file.flush()
                     _save_checkpoint(checkpoint_path, model, optimiser, step + 1)
                     plot_log(log_path, output / PLOT)
@@ -254,10 +253,10 @@ def train(
             "wall_time_last_run_s": round(time.perf_counter() - began, 1),
         },
     }
-    if validation is not None:
-        card["training"]["validation_map_error_voxels"] = round(
-            validation_map_error(model, validation), 3
-        )
+    if validation is not None:  # measured at the last step, or now if no step ran
+        if last_validation is None:
+            last_validation = validation_map_error(model, validation)
+        card["training"]["validation_map_error_voxels"] = round(last_validation, 3)
     if rank != 0:
         return output / f"{config['card']['name']}.json"
     return save_model(model.eval(), card, output).path
