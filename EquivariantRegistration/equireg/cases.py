@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from .evaluate import dense_field_error, dice, overlap_mask, target_registration_error
@@ -75,8 +74,3 @@ def score(case: Case, transform: sitk.Transform) -> dict[str, float]:
 def identity_score(case: Case) -> dict[str, float]:
     """The score of doing nothing, the baseline every method must beat."""
     return score(case, sitk.Transform(read_image(case.fixed).GetDimension(), sitk.sitkIdentity))
-
-
-def relative_change(shifted: float, plain: float) -> float:
-    """``|shifted − plain| / plain``: how much a metric moved when the moving content shifted."""
-    return float(np.abs(shifted - plain) / max(abs(plain), 1e-12))

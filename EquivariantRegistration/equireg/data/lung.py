@@ -101,9 +101,9 @@ def chest_phantom(shape: Sequence[int], rng: np.random.Generator) -> tuple[np.nd
         _tree(airways, carina, towards, np.linalg.norm(towards), 2.2 * scale, 4, rng, lungs)
         for _ in range(3):
             _tree(vessels, hilum, rng.normal(0, 1, 3), 12 * scale, 1.5 * scale, 4, rng, lungs)
-    hu = np.where(vessels > 0.5, 40 + 0 * hu, hu)
+    hu[vessels > 0.5] = 40
     labels[(vessels > 0.5) & lungs] = LABELS["vessels"]
-    hu = np.where(airways > 0.5, -1000.0, hu)
+    hu[airways > 0.5] = -1000
     labels[airways > 0.5] = LABELS["airways"]
     spine = np.hypot(
         (y - centre_y + 0.8 * body_y) / (0.14 * body_y), (x - centre_x) / (0.1 * body_x)

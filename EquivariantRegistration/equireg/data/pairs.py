@@ -38,7 +38,9 @@ def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))[:, None]
 
 
-def _random_map(shape: tuple[int, ...], spec: dict[str, Any], generator: torch.Generator):
+def _random_map(
+    shape: tuple[int, ...], spec: dict[str, Any], generator: torch.Generator
+) -> torch.Tensor:
     """A random diffeomorphism followed by a random shift, as map values ``(1, d, *S)``."""
     warp = random_diffeomorphism(shape, spec["warp_magnitude"], spec["warp_smoothness"], generator)
     shift = (torch.rand(len(shape), generator=generator) * 2 - 1) * spec["max_shift"]
