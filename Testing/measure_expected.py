@@ -1,6 +1,9 @@
 """Measure the bundled models on the regression cases and write ``expected.json`` thresholds.
 
-    .venv/bin/python Testing/measure_expected.py
+    .venv/bin/python Testing/measure_expected.py [--anatomy retina|lung|all]
+
+Each anatomy is measured with its own bundled model (``ANATOMY_MODELS``) into
+``Testing/<anatomy>/expected.json``; ``all`` (the default) measures every one.
 
 Thresholds are the measured values with a margin (TRE and field error may grow by 15 % + 0.02
 mm, Dice may fall by 10 %), so a regression test fails when a change makes the model clearly
@@ -9,8 +12,10 @@ worse, not when a CPU rounds differently. Identity (no registration) is recorded
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from equireg.api import register
@@ -18,7 +23,7 @@ from equireg.cases import find_cases, identity_score, score
 from equireg.models import read_card
 
 HERE = Path(__file__).resolve().parent
-ANATOMY_MODELS = {"retina": "retina2d"}
+ANATOMY_MODELS = {"retina": "retina2d", "lung": "lung3d"}
 
 
 def thresholds(measured: dict[str, float]) -> dict[str, float]:
@@ -63,11 +68,17 @@ def measure(anatomy: str, model: str) -> dict:
 
 
 def main() -> None:
-    for anatomy, model in ANATOMY_MODELS.items():
-        expected = measure(anatomy, model)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--anatomy", choices=[*ANATOMY_MODELS, "all"], default="all")
+    args = parser.parse_args()
+    chosen = ANATOMY_MODELS if args.anatomy == "all" else [args.anatomy]
+    for anatomy in chosen:
+        began = time.perf_counter()
+        expected = measure(anatomy, ANATOMY_MODELS[anatomy])
         (HERE / anatomy / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
         for name, values in expected["cases"].items():
             print(name, values["measured"], "identity:", values["identity"])
+        print(f"{anatomy}: {time.perf_counter() - began:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Regression cases of Testing/: the bundled models on CPU hold the thresholds of expected.json.
 
 The thresholds were measured with ``python Testing/measure_expected.py`` (see each
-expected.json for the commit and model sha256); a model or engine change that makes
-registration clearly worse fails here.
+``Testing/<anatomy>/expected.json`` for the model, its sha256 and the commit); a model or
+engine change that makes registration clearly worse fails here. An anatomy without
+expected.json is skipped while its bundled model (the preset for its dimension) is an untrained
+placeholder, and fails once that model is trained.
 """
 
 from __future__ import annotations
@@ -15,48 +17,74 @@ import pytest
 import SimpleITK as sitk
 
 from equireg.api import register
-from equireg.cases import find_cases, identity_score, score
+from equireg.cases import VARIANTS, Case, find_cases, identity_score, score
+from equireg.evaluate import overlap_mask, target_registration_error
+from equireg.io import read_landmarks
 from equireg.models import read_card
 
 TESTING = Path(__file__).resolve().parents[1] / "Testing"
 CASES = find_cases(TESTING)
+ANATOMIES = sorted({case.folder.parent.name for case in CASES})
 
 
-def _expected(case) -> dict:
-    anatomy = case.folder.parent
-    return json.loads((anatomy / "expected.json").read_text())
-
-
-def test_every_case_has_expectations():
-    assert len(CASES) >= 4
-    for case in CASES:
-        expected = _expected(case)
-        assert case.name in expected["cases"], f"{case.name}: run Testing/measure_expected.py"
-        card = read_card(expected["model"])
-        assert card.data.get("sha256") == expected["model_sha256"], (
-            f"{expected['model']} changed since expected.json was measured: re-measure it"
+def _expected(anatomy: str) -> dict:
+    """``Testing/<anatomy>/expected.json``; skips while it is missing and the anatomy's model
+    is untrained (nothing to hold it to yet)."""
+    path = TESTING / anatomy / "expected.json"
+    if not path.is_file():
+        fixed = next(case.fixed for case in CASES if case.folder.parent.name == anatomy)
+        card = read_card("auto", sitk.ReadImage(str(fixed)).GetDimension())
+        measure = f"run `python Testing/measure_expected.py --anatomy {anatomy}`"
+        assert not card.trained, f"Testing/{anatomy}/expected.json missing: {measure}"
+        pytest.skip(
+            f"Testing/{anatomy}/expected.json not measured yet: the bundled {card.name} is an "
+            f"untrained placeholder; {measure} once the trained model is bundled"
         )
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("anatomy", ANATOMIES)
+def test_every_case_has_expectations(anatomy: str):
+    assert len(CASES) >= 6
+    expected = _expected(anatomy)
+    for case in CASES:
+        if case.folder.parent.name == anatomy:
+            assert case.name in expected["cases"], f"{case.name}: run Testing/measure_expected.py"
+    card = read_card(expected["model"])
+    assert card.data.get("sha256") == expected["model_sha256"], (
+        f"{expected['model']} changed since expected.json was measured: re-measure it"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_the_truth_of_each_case_registers_its_images(case):
+def test_the_truth_of_each_case_registers_its_images(case: Case):
     """``moving ∘ truth = fixed``: guards the cases against an inverted truth (fixed → moving)."""
     fixed = sitk.ReadImage(str(case.fixed), sitk.sitkFloat32)
     moving = sitk.ReadImage(str(case.moving), sitk.sitkFloat32)
-    registered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, case.truth()))
+    truth = case.truth()
+    registered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, truth))
     unregistered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed))
     target = sitk.GetArrayFromImage(fixed)
-    inside = registered > 0
-    # Measured 0.674 vs 11.2 (photo) and 0.136 vs 0.516 (vessels): interpolation is what is left.
+    inside = sitk.GetArrayFromImage(overlap_mask(truth, fixed, moving)) > 0
+    # Interpolation is what is left, e.g. 0.56 vs 9.9 (photo), 0.014 vs 0.089 (vessels), 0.20 vs
+    # 56 HU (lung), 0.80 vs 340 HU (lung shifted: where the shift brought in padding).
     error = np.abs(registered - target)[inside].mean()
     assert error < 0.3 * np.abs(unregistered - target)[inside].mean()
-    assert identity_score(case)["tre_mean_mm"] > 0.3  # the pair needs registering at all
-    assert score(case, case.truth())["tre_mean_mm"] < 1e-3
+    # The truth carries every fixed landmark onto its moving one; doing nothing does not (landmarks
+    # only: the full score of a 3-D B-spline truth costs seconds, the thresholds test runs it).
+    dim = fixed.GetDimension()
+    points = [
+        read_landmarks(case.folder / f"{prefix}_landmarks.csv", dim)
+        for prefix in ("fixed", VARIANTS[case.variant][0])
+    ]
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    assert target_registration_error(*points, identity)[1]["mean"] > 0.3  # needs registering
+    assert target_registration_error(*points, truth)[1]["max"] < 1e-3
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bundled_model_holds_the_thresholds(case):
-    expected = _expected(case)
+def test_bundled_model_holds_the_thresholds(case: Case):
+    expected = _expected(case.folder.parent.name)
     limits = expected["cases"][case.name]["thresholds"]
     result = register(str(case.fixed), str(case.moving), model=expected["model"], device="cpu")
     measured = score(case, result.transform)

@@ -38,7 +38,7 @@ def main() -> None:
     print("| model | case | moving | TRE mean (mm) | Dice | field error (mm) | time (s) |")
     print("|---|---|---|---|---|---|---|")
     warped = {}
-    for case in find_cases(REPOSITORY / "Testing"):
+    for case in find_cases(REPOSITORY / "Testing" / "retina"):  # the 2-D models
         anatomy_case = case.name.rsplit("/", 1)[0]
         baseline = identity_score(case)
         print(
@@ -60,7 +60,7 @@ def main() -> None:
 
 def _figure(warped: dict, labels: list[str]) -> None:
     """Fixed, moving and each model's warped image for the photograph, unshifted and shifted."""
-    cases = [c for c in find_cases(REPOSITORY / "Testing") if "photo" in c.name]
+    cases = [c for c in find_cases(REPOSITORY / "Testing" / "retina") if "photo" in c.name]
     figure, axes = plt.subplots(len(cases), 2 + len(labels), figsize=(3.2 * (2 + len(labels)), 6.6))
     for row, case in zip(axes, cases, strict=True):
         images = [
