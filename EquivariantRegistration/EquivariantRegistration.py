@@ -136,7 +136,8 @@ class EquivariantRegistrationParameterNode:
     model: Annotated[str, Choice(bundled_models(MODULE_DIR))] = "auto"
     device: Device = Device.AUTO
     initialAlignment: InitialAlignment = InitialAlignment.NONE
-    refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    # -1 shows as "model default": the number of refinement steps the model card recommends.
+    refineSteps: Annotated[int, WithinRange(-1, 1000)] = -1
     outputTransform: slicer.vtkMRMLTransformNode
     outputDisplacement: slicer.vtkMRMLVectorVolumeNode
     outputWarped: slicer.vtkMRMLScalarVolumeNode
@@ -399,7 +400,7 @@ class EquivariantRegistrationLogic(ScriptedLoadableModuleLogic):
         model: str = "auto",
         device: str = "auto",
         initial: str = "none",
-        refine_steps: int = 0,
+        refine_steps: int | None = None,
         fixed_mask: slicer.vtkMRMLScalarVolumeNode | None = None,
         moving_mask: slicer.vtkMRMLScalarVolumeNode | None = None,
         transform: slicer.vtkMRMLTransformNode | None = None,
@@ -432,7 +433,7 @@ class EquivariantRegistrationLogic(ScriptedLoadableModuleLogic):
             model=p.model,
             device=p.device.value,
             initial=p.initialAlignment.value,
-            refine_steps=p.refineSteps,
+            refine_steps=p.refineSteps if p.refineSteps >= 0 else None,
             fixed_mask=p.fixedMask,
             moving_mask=p.movingMask,
             transform=p.outputTransform,

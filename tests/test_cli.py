@@ -161,6 +161,26 @@ def test_json_progress_lines(
     assert set(Path(p).name for p in lines[-1]["outputs"].values()) == OUTPUTS
 
 
+def test_refinement_defaults_to_the_model_card(
+    pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No --refine-steps: the card's ``refine_steps`` runs; an explicit 0 overrides it."""
+    card = json.loads((MODELS_DIR / "retina2d.json").read_text())
+    (tmp_path / "retina2d.json").write_text(json.dumps({**card, "refine_steps": 2}))
+    shutil.copy(MODELS_DIR / "retina2d.pt", tmp_path / "retina2d.pt")
+    model = str(tmp_path / "retina2d.pt")
+
+    def stages(*options: str) -> list[str]:
+        assert (
+            _register(pair_2d, tmp_path / "o", "--model", model, "--progress", "json", *options)
+            == 0
+        )
+        return [json.loads(line)["stage"] for line in capsys.readouterr().out.splitlines()]
+
+    assert stages().count("refine") == 3  # entering, then one line per step
+    assert "refine" not in stages("--refine-steps", "0")
+
+
 def _known_affine(fixed: sitk.Image) -> sitk.AffineTransform:
     """Rotation by 8°, scales 1.06 and 0.95, a 2 mm shift: fixed → moving, about the centre."""
     angle = np.radians(8.0)

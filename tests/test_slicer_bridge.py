@@ -146,6 +146,13 @@ def test_command_is_accepted_by_the_engine_parser(tmp_path: Path) -> None:
     assert (args.initial, args.progress, args.output_dir) == ("none", "json", str(tmp_path / "out"))
 
 
+def test_model_default_refinement_leaves_the_option_to_the_engine(tmp_path: Path) -> None:
+    inputs = engine.EngineInputs(tmp_path / "f.nrrd", tmp_path / "m.nrrd")
+    command = engine.build_command("PythonSlicer", inputs, tmp_path / "out", engine.Options())
+    assert "--refine-steps" not in command
+    assert build_parser().parse_args(command[3:]).refine_steps is None
+
+
 def test_every_initial_alignment_the_panel_offers_is_accepted(tmp_path: Path) -> None:
     inputs = engine.EngineInputs(tmp_path / "f.nrrd", tmp_path / "m.nrrd")
     for initial in engine.INITIAL_ALIGNMENTS:

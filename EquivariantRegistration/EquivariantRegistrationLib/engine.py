@@ -34,7 +34,7 @@ class Options:
     model: str = "auto"
     device: str = "auto"
     initial: str = "none"
-    refine_steps: int = 0
+    refine_steps: int | None = None  # None: what the model card recommends
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,9 @@ def build_command(
         options.device,
         "--initial",
         options.initial,
-        "--refine-steps",
-        str(options.refine_steps),
     ]
+    if options.refine_steps is not None:
+        command += ["--refine-steps", str(options.refine_steps)]
     if inputs.fixed_mask is not None:
         command += ["--fixed-mask", str(inputs.fixed_mask)]
     if inputs.moving_mask is not None:

@@ -128,15 +128,21 @@ class _Stages:
 
     def __init__(self, progress: Progress | None, stages: list[str]):
         self.progress = progress or (lambda *_: None)
-        total = sum(self.WEIGHTS[s] for s in stages)
+        self._plan(stages)
+        self.timings: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def _plan(self, stages: list[str]) -> None:
+        self.total = sum(self.WEIGHTS[s] for s in stages)
         self.start: dict[str, float] = {}
         offset = 0.0
         for stage in stages:
             self.start[stage] = offset
-            offset += self.WEIGHTS[stage] / total
-        self.total = total
-        self.timings: dict[str, float] = {}
-        self._current: tuple[str, float] | None = None
+            offset += self.WEIGHTS[stage] / self.total
+
+    def skip(self, stage: str) -> None:
+        """Leave out a stage that turned out not to run (call before any later stage starts)."""
+        self._plan([s for s in self.start if s != stage])
 
     def enter(self, stage: str, message: str) -> None:
         self._close()
@@ -357,7 +363,7 @@ def register(
     model: str = "auto",
     device: str = "auto",
     initial: str = "none",
-    refine_steps: int = 0,
+    refine_steps: int | None = None,
     fixed_mask: ImageLike | None = None,
     moving_mask: ImageLike | None = None,
     inverse: bool = False,
@@ -367,7 +373,8 @@ def register(
     """Register ``moving`` to ``fixed`` (paths or SimpleITK images) with a bundled model.
 
     ``model`` is ``auto`` (by dimension), a preset name or a weights path; ``refine_steps`` adds
-    instance optimisation; masks (on their image's grid) restrict what the network and the
+    instance optimisation (``None``: the number the model card recommends, 0 if it names none);
+    masks (on their image's grid) restrict what the network and the
     similarity see; ``inverse`` also computes the moving -> fixed transform by running the
     network with swapped inputs; ``field_grid`` is ``network`` (the model's resolution over the
     fixed extent, default) or ``fixed`` (the fixed image's own grid). ``progress(stage,
@@ -379,13 +386,13 @@ def register(
     """
     if initial not in ("none", *affine.MODES):
         raise InputError(f"--initial {initial}: must be none, {', '.join(affine.MODES)}")
-    if refine_steps < 0:
+    if refine_steps is not None and refine_steps < 0:
         raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
     if field_grid not in ("network", "fixed"):
         raise InputError(f"field grid {field_grid!r}: must be 'network' or 'fixed'")
     notices: list[str] = []
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
-    stage_list += (["refine"] if refine_steps else []) + ["field", "warp"]
+    stage_list += (["refine"] if refine_steps != 0 else []) + ["field", "warp"]
     stage_list += ["inverse"] if inverse else []
     stages = _Stages(progress, stage_list)
     stages.enter("load", "reading images and model")
@@ -402,6 +409,10 @@ def register(
     moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
     card = read_card(model, fixed_image.GetDimension())
     network = load_network(card)
+    if refine_steps is None:
+        refine_steps = int(card.data.get("refine_steps", 0))
+        if refine_steps == 0:
+            stages.skip("refine")
     if not card.trained:
         notices.append(
             f"model {card.name} is UNTRAINED (random weights): results are not meaningful"

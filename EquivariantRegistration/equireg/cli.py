@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "translation", "rigid", "affine"],
         help="alignment in physical space before the network (composed into transform.h5)",
     )
-    reg.add_argument("--refine-steps", type=int, default=0, help="instance optimisation steps")
+    reg.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        help="instance optimisation steps (default: what the model card recommends)",
+    )
     reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
     reg.add_argument("--moving-mask", help="mask on the moving image's grid")
     reg.add_argument("--inverse", action="store_true", help="also write inverse_transform.h5")
@@ -238,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="register the bundled sample pair(s)")
     demo.add_argument("-o", "--output-dir", default="demo-output")
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--refine-steps", type=int, default=0)
+    demo.add_argument("--refine-steps", type=int, default=None)
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train (or continue training) a model")

@@ -116,7 +116,7 @@ def _extent(grid: Grid) -> tuple[float, float, float, float]:
 def run_demo(
     output_dir: str,
     device: str = "auto",
-    refine_steps: int = 0,
+    refine_steps: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Generate the sample pair, register it, write outputs, ``overview.png`` and
