@@ -2,9 +2,7 @@
 
 The thresholds were measured with ``python Testing/measure_expected.py`` (see each
 ``Testing/<anatomy>/expected.json`` for the model, its sha256 and the commit); a model or
-engine change that makes registration clearly worse fails here. An anatomy without
-expected.json is skipped while its bundled model (the preset for its dimension) is an untrained
-placeholder, and fails once that model is trained.
+engine change that makes registration clearly worse fails here.
 """
 
 from __future__ import annotations
@@ -28,18 +26,9 @@ ANATOMIES = sorted({case.folder.parent.name for case in CASES})
 
 
 def _expected(anatomy: str) -> dict:
-    """``Testing/<anatomy>/expected.json``; skips while it is missing and the anatomy's model
-    is untrained (nothing to hold it to yet)."""
+    """``Testing/<anatomy>/expected.json``, the thresholds its bundled model is held to."""
     path = TESTING / anatomy / "expected.json"
-    if not path.is_file():
-        fixed = next(case.fixed for case in CASES if case.folder.parent.name == anatomy)
-        card = read_card("auto", sitk.ReadImage(str(fixed)).GetDimension())
-        measure = f"run `python Testing/measure_expected.py --anatomy {anatomy}`"
-        assert not card.trained, f"Testing/{anatomy}/expected.json missing: {measure}"
-        pytest.skip(
-            f"Testing/{anatomy}/expected.json not measured yet: the bundled {card.name} is an "
-            f"untrained placeholder; {measure} once the trained model is bundled"
-        )
+    assert path.is_file(), f"{path}: run `python Testing/measure_expected.py --anatomy {anatomy}`"
     return json.loads(path.read_text())
 
 

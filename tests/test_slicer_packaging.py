@@ -74,12 +74,8 @@ def test_every_regression_case_is_installed_complete() -> None:
     on_disk = {path.parent.relative_to(testing).as_posix() for path in testing.rglob("fixed.nrrd")}
     assert sorted(cases) == sorted(on_disk)
     assert sorted(anatomies) == sorted({case.split("/")[0] for case in cases})
-    # expected.json is installed where it exists (Testing/CMakeLists.txt); tests/test_regression.py
-    # allows it to be missing only while the anatomy's bundled model is untrained.
-    assert (
-        "if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${_anatomy}/expected.json)"
-        in TESTING_CMAKE.read_text()
-    )
+    for anatomy in anatomies:
+        assert (testing / anatomy / "expected.json").is_file(), f"Testing/{anatomy}/expected.json"
     for case in cases:
         for name in cmake_list(TESTING_CMAKE, "REGRESSION_CASE_FILES"):
             assert (testing / case / name).is_file(), f"Testing/{case}/{name}"
