@@ -19,6 +19,7 @@ from equireg.evaluate import (
     jacobian_determinant,
     map_folding_fraction,
     map_jacobian_determinant,
+    shifted,
     similarity_report,
     target_registration_error,
 )
@@ -406,12 +407,77 @@ def test_equivariance_error_of_a_circular_conv_under_equal_shifts_is_zero(shape)
     assert equivariance_error(conv_step(dims), moving, fixed, shift, shift, margin=3) < 1e-9
 
 
+class HalfStep(RegistrationStep):
+    """Aligns centroids (``[W, U]``-equivariant) on the first half of axis 0, the identity (only
+    ``[U, U]``) on the second: a step whose error depends on where it is measured."""
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        offset = centroid(moving) - centroid(fixed)
+        return lambda coords: coords + offset * (coords[:, :1] < 0.5)
+
+
+class OutsideStep(RegistrationStep):
+    """Maps every point two fields of view away: no expected value lies in the moving grid."""
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+        return lambda coords: coords + 2
+
+
+def test_shifted_moves_content_by_minus_the_shift():
+    image = torch.arange(20.0).view(1, 1, 4, 5)
+    zero = shifted(image, (1, -2), "zero")
+    assert torch.equal(zero[0, 0, :3, 2:], image[0, 0, 1:, :3])  # out[i] = image[i + shift]
+    assert zero[0, 0, 3].abs().sum() == 0 and zero[0, 0, :, :2].abs().sum() == 0
+    assert torch.equal(shifted(image, (1, -2), "roll"), torch.roll(image, (-1, 2), (2, 3)))
+    assert shifted(image, (4, 0), "zero").abs().sum() == 0
+    with pytest.raises(ValueError, match="fill"):
+        shifted(image, (1, 1), "wrap")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_equivariance_error_with_zero_fill_is_zero_when_no_content_is_lost(shape):
+    """The bumps stay inside the grid under these shifts: zero-filled is a pure translation."""
+    dims = len(shape)
+    moving = blob(shape, tuple(n / 2 - 1 for n in shape), 3)
+    fixed = blob(shape, tuple(n / 2 + 1 for n in shape), 3)
+    w, u = (3, -2, 1)[:dims], (-1, 2, 2)[:dims]
+    error = equivariance_error(CentroidStep(), moving, fixed, w, u, margin=4, fill="zero")
+    assert error < 1e-9
+
+
+def test_equivariance_error_counts_only_the_mask():
+    """HalfStep is exact where axis 0 is below 0.5 (before and after the shift ``u``) and off by
+    ``|w − u|`` = √5 voxels beyond; the mask picks the part that is measured."""
+    shape = (24, 24)
+    moving, fixed = blob(shape, (11, 12), 4), blob(shape, (13, 12), 4)
+    w, u = (2, 0), (0, -1)
+    first = torch.zeros(shape, dtype=torch.bool)
+    first[:12] = True
+    error = equivariance_error(HalfStep(), moving, fixed, w, u, margin=3, mask=first)
+    assert error < 1e-9
+    second = equivariance_error(HalfStep(), moving, fixed, w, u, margin=3, mask=~first[None, None])
+    assert second == pytest.approx(math.sqrt(5), rel=1e-9)
+    everywhere = equivariance_error(HalfStep(), moving, fixed, w, u, margin=3)
+    assert 0 < everywhere < second
+
+
+def test_equivariance_error_with_nothing_to_compare_is_nan():
+    image = blob((16, 16), (8, 8), 4)
+    nothing = torch.zeros(16, 16, dtype=torch.bool)
+    assert math.isnan(
+        equivariance_error(IdentityStep(), image, image, (1, 1), (0, 0), 2, mask=nothing)
+    )
+    assert math.isnan(equivariance_error(OutsideStep(), image, image, (1, 1), (0, 0), 2))
+
+
 def test_equivariance_error_checks_arguments():
     image = blob((8, 8), (4, 4), 2)
     with pytest.raises(ValueError, match="shifts"):
         equivariance_error(IdentityStep(), image, image, (1,), (1, 1), margin=1)
     with pytest.raises(ValueError, match="margin"):
         equivariance_error(IdentityStep(), image, image, (1, 1), (1, 1), margin=4)
+    with pytest.raises(ValueError, match="mask"):
+        equivariance_error(IdentityStep(), image, image, (1, 1), (1, 1), 1, mask=image[0, 0, 1:])
 
 
 # --- similarity report and TRE ------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from equireg.compose import DisplacementStep, Downsample
-from equireg.evaluate import equivariance_error
+from equireg.evaluate import equivariance_error, shifted
 from equireg.maps import evaluate, identity_grid
 from equireg.nn.attention import AttentionInversion, _fused_attention, attention
 from equireg.nn.builder import (
@@ -155,6 +155,44 @@ def test_attention_inversion_is_equivariant_to_independent_shifts(dim):
     w, u = (2, -3, 1)[:dim], (-1, 2, 0)[:dim]
     fixed = translate(moving, [-s for s in u])  # keeps the matches of compared voxels inside
     assert equivariance_error(layer, moving, fixed, w, u, margin) < EQUIVARIANCE_TOLERANCE
+
+
+def without_biases(featurizer: Featurizer) -> Featurizer:
+    """The featurizer with every convolution and ChannelNorm bias set to zero: then every layer
+    maps a zero input to zero, so the zero background has zero features."""
+    with torch.no_grad():
+        for module in featurizer.modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    return featurizer
+
+
+@pytest.mark.parametrize(
+    ("biases", "pad", "exact"),
+    [(True, 7, True), (False, 2, True), (True, 2, False)],
+)
+def test_attention_on_a_zero_background_and_the_pad(biases, pad, exact):
+    """Content on a zero background moved without losing any of it (zero-filled shifts): the
+    layer is exactly ``[W, U]``-equivariant on the content when its pad covers the featurizer's
+    receptive radius (here 1 + 2·1 + 2·2 = 7), or, with a small pad, when the featurizer has no
+    biases. With biases and a small pad it is not: the background's features are non-zero and
+    change near the canvas edge, which the content then sees (docs/equivariance.md, "Known
+    limitation")."""
+    torch.manual_seed(0)
+    featurizer = Featurizer(2, width=16, dilations=[1, 2], out_channels=32)
+    if not biases:
+        without_biases(featurizer)
+    layer = AttentionInversion(featurizer, pad=pad, temperature=SHARP_TEMPERATURE)
+    window = torch.zeros(1, 1, 32, 32)
+    window[..., 4:24, 4:24] = 1
+    moving = smooth_periodic_image([32, 32], sigma=1.0, seed=4).clamp(min=0.05) * window
+    fixed = shifted(moving, (2, -3), "zero")
+    # Content of the fixed image in rows 2..21 and columns 7..26; after these shifts the moving
+    # content lies in rows 8..27, columns 1..20, the fixed content in rows 0..19, columns 8..27.
+    error = equivariance_error(
+        layer, moving, fixed, (-4, 3), (2, -1), margin=2, fill="zero", mask=fixed > 0
+    )
+    assert (error < 1e-5) if exact else (error > 0.5), error
 
 
 # Per dimension: image size, the test network (small, so the test is fast), the shift from the

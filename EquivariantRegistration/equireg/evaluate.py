@@ -94,6 +94,26 @@ def map_folding_fraction(phi_values: torch.Tensor) -> float:
     return float((map_jacobian_determinant(phi_values) <= 0).double().mean())
 
 
+def shifted(image: torch.Tensor, shift: Sequence[int], fill: str) -> torch.Tensor:
+    """``image ∘ T`` for ``T(x) = x + shift`` (whole voxels): content moved by ``−shift``.
+
+    ``fill="zero"``: what leaves the grid is lost and zeros enter, as when content moves inside
+    a fixed field of view over a zero background; ``fill="roll"``: it wraps around.
+    """
+    axes = tuple(range(2, image.dim()))
+    if fill == "roll":
+        return torch.roll(image, [-s for s in shift], dims=axes)
+    if fill != "zero":
+        raise ValueError(f"fill must be 'roll' or 'zero', got {fill!r}")
+    out = torch.zeros_like(image)
+    source, target = [slice(None)] * 2, [slice(None)] * 2
+    for s, n in zip(shift, image.shape[2:], strict=True):
+        source.append(slice(min(max(s, 0), n), max(min(n + s, n), 0)))
+        target.append(slice(min(max(-s, 0), n), max(min(n - s, n), 0)))
+    out[tuple(target)] = image[tuple(source)]
+    return out
+
+
 def equivariance_error(
     step: RegistrationStep,
     moving: torch.Tensor,
@@ -101,15 +121,21 @@ def equivariance_error(
     shift_moving: tuple[int, ...],
     shift_fixed: tuple[int, ...],
     margin: int,
+    fill: str = "roll",
+    mask: torch.Tensor | None = None,
 ) -> float:
     """How far ``Φ[A∘W, B∘U]`` is from ``W⁻¹ ∘ Φ[A, B] ∘ U``: mean Euclidean error in voxels.
 
     ``A`` = ``moving``, ``B`` = ``fixed`` ``(B, C, *S)``; ``W(x) = x + w`` and ``U(x) = x + u``
-    shift by whole voxels (``w = shift_moving / n`` per axis), so ``A∘W`` is ``A`` rolled by
-    ``−shift_moving``. Rolling wraps content around, so both maps are compared only on fixed
-    voxels at least ``margin`` from every border; the difference is counted in moving-image
-    voxels. Runs without gradients; put ``step`` in eval mode first if it has dropout or
-    batch-norm.
+    shift by whole voxels (``w = shift_moving / n`` per axis), so ``A∘W`` is ``A`` with its
+    content moved by ``−shift_moving``, rolled or zero-filled (``fill``, see :func:`shifted`).
+    The difference is counted in moving-image voxels, averaged over the fixed voxels that are
+    at least ``margin`` from every border, whose expected value ``W⁻¹∘Φ[A, B]∘U`` lies in the
+    moving grid (the shifted image still holds that content where it should be) and, if given,
+    inside ``mask`` (``(B, 1, *S)`` or ``(*S)`` on the fixed grid, e.g. the fixed image's
+    foreground: in a constant background every map is as good as any other, docs/equivariance.md).
+    ``nan`` when no voxel is left. Runs without gradients; put ``step`` in eval mode first if it
+    has dropout or batch-norm.
     """
     shape = fixed.shape[2:]
     dims = len(shape)
@@ -117,7 +143,8 @@ def equivariance_error(
         raise ValueError(f"shifts must have {dims} entries, got {shift_moving} and {shift_fixed}")
     if margin < 0 or 2 * margin >= min(shape):
         raise ValueError(f"margin {margin} leaves no voxels of a {tuple(shape)} grid")
-    axes = tuple(range(2, 2 + dims))
+    if mask is not None and tuple(mask.shape[-dims:]) != tuple(shape):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} is not on the {tuple(shape)} grid")
 
     def as_coordinates(shift: Sequence[int], grid_shape: Sequence[int]) -> torch.Tensor:
         values = [s / n for s, n in zip(shift, grid_shape, strict=True)]
@@ -128,14 +155,19 @@ def equivariance_error(
     u = as_coordinates(shift_fixed, shape)
     grid = identity_grid(shape, fixed.shape[0], device=fixed.device, dtype=fixed.dtype)
     with torch.no_grad():
-        shifted_moving = torch.roll(moving, [-s for s in shift_moving], dims=axes)
-        shifted_fixed = torch.roll(fixed, [-s for s in shift_fixed], dims=axes)
+        shifted_moving = shifted(moving, shift_moving, fill)
+        shifted_fixed = shifted(fixed, shift_fixed, fill)
         of_shifted = step(shifted_moving, shifted_fixed)(grid)
         expected = step(moving, fixed)(grid + u) - w
     moving_voxels = torch.tensor(list(moving.shape[2:]), device=fixed.device, dtype=fixed.dtype)
-    error = (of_shifted - expected) * moving_voxels.view(1, dims, *([1] * dims))
-    inside = (slice(None), slice(None)) + tuple(slice(margin, n - margin) for n in shape)
-    return float(error[inside].norm(dim=1).mean())
+    error = ((of_shifted - expected) * moving_voxels.view(1, dims, *([1] * dims))).norm(dim=1)
+    counted = ((expected >= 0) & (expected <= 1)).all(dim=1)
+    border = torch.zeros_like(counted)
+    border[(slice(None), *(slice(margin, n - margin) for n in shape))] = True
+    counted &= border
+    if mask is not None:
+        counted &= mask.to(device=counted.device, dtype=torch.bool).reshape(-1, *shape)
+    return float(error[counted].mean()) if counted.any() else float("nan")
 
 
 def _as_batch(image: torch.Tensor | np.ndarray) -> torch.Tensor:
