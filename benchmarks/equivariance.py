@@ -44,7 +44,7 @@ from torch import nn
 
 from equireg.cases import VARIANTS, Case, find_cases
 from equireg.compose import RegistrationStep
-from equireg.evaluate import equivariance_error, shifted
+from equireg.evaluate import FOREGROUND, equivariance_error, shifted
 from equireg.io import read_image, read_landmarks
 from equireg.maps import warp
 from equireg.models import ModelCard, load_network, read_card
@@ -53,7 +53,6 @@ from equireg.preprocess import network_input
 from equireg.space import Grid, resample_to_grid
 
 # Foreground of a fixed image on the model grid: intensity above this (images are in [0, 1]).
-FOREGROUND = 0.1
 KINDS = ("zero fill", "rolled", "pure translation")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .errors import InputError
 from .evaluate import (
+    FOREGROUND,
     dense_field_error,
     dice,
     equivariance_error,
@@ -145,11 +146,14 @@ def model_equivariance(
 ) -> dict[str, Any]:
     """``evaluate.equivariance_error`` of a model on this pair, moving image shifted by ``shift``.
 
-    Both images are brought to the model's input grid as ``register`` does; the moving one is
-    rolled by ``shift`` voxels along every axis (a multiple of 4 keeps the 1/4-resolution
-    attention step exactly equivariant), and the error is the mean distance, in moving voxels of
-    the model grid, between the map of the shifted pair and the unshifted map with the shift
-    undone, over fixed voxels at least ``|shift| + 8`` from the border (rolled content wraps).
+    Both images are brought to the model's input grid as ``register`` does; the moving content
+    is moved by ``shift`` voxels along every axis inside its grid (zero-filled, as content moved
+    inside a field of view; a multiple of 4 keeps the 1/4-resolution attention step on its grid),
+    and the error is the mean distance, in moving voxels of the model grid, between the map of
+    the shifted pair and the unshifted map with the shift undone, over fixed voxels at least
+    ``|shift| + 8`` from the border whose answer is still in the moving grid: over the fixed
+    image's foreground (``FOREGROUND``; in a constant background any map is as good as another,
+    docs/equivariance.md) and everywhere.
     """
     from .api import resolve_device
     from .models import load_network, read_card
@@ -166,14 +170,20 @@ def model_equivariance(
     fixed_net, _ = network_input(fixed_image, card.input_shape, card.preprocessing)
     moving_net, _ = network_input(moving_image, card.input_shape, card.preprocessing)
     dim = card.dim
-    error = equivariance_error(
-        network,
-        moving_net.to(torch_device),
-        fixed_net.to(torch_device),
-        shift_moving=(shift,) * dim,
-        shift_fixed=(0,) * dim,
-        margin=margin,
-    )
+    fixed_net, moving_net = fixed_net.to(torch_device), moving_net.to(torch_device)
+    errors = {
+        where: equivariance_error(
+            network,
+            moving_net,
+            fixed_net,
+            shift_moving=(shift,) * dim,
+            shift_fixed=(0,) * dim,
+            margin=margin,
+            fill="zero",
+            mask=mask,
+        )
+        for where, mask in (("foreground", fixed_net > FOREGROUND), ("everywhere", None))
+    }
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
     return {
@@ -182,5 +192,7 @@ def model_equivariance(
         "device": str(torch_device),
         "shift_voxels": [shift] * dim,
         "margin_voxels": margin,
-        "error_voxels": error,
+        "fill": "zero",
+        "error_voxels": errors["foreground"],
+        "error_everywhere_voxels": errors["everywhere"],
     }

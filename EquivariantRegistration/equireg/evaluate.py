@@ -94,6 +94,11 @@ def map_folding_fraction(phi_values: torch.Tensor) -> float:
     return float((map_jacobian_determinant(phi_values) <= 0).double().mean())
 
 
+# Normalised intensity above which a voxel of a model-grid image counts as content, not
+# background, for the equivariance error (docs/equivariance.md, "Measuring it on real images").
+FOREGROUND = 0.1
+
+
 def shifted(image: torch.Tensor, shift: Sequence[int], fill: str) -> torch.Tensor:
     """``image ∘ T`` for ``T(x) = x + shift`` (whole voxels): content moved by ``−shift``.
 
