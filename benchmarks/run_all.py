@@ -28,6 +28,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """Each benchmark's command line (script and options), by block name."""
     registration = ["registration.py"] + [f"--model={m}" for m in args.model]
     equivariance = ["equivariance.py"] + ([f"--unet={args.unet}"] if args.unet else [])
+    equivariance += [f"--air={args.air}"] if args.air else []
     if args.quick:
         speed = ["network_speed.py", "--cpu-shapes", "2d:128,2d:256,3d:64,3d:96"]
         scaling = ["scaling.py", "--max-edge", "128"]
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated block names to run (others kept)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--unet", help="trained U-Net-only model for the equivariance table")
+    parser.add_argument("--air", help="trained AiR model for the equivariance table")
     args = parser.parse_args()
     selected = commands(args)
     if args.only:

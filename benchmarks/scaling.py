@@ -2,11 +2,14 @@
 
 Runs ``equireg register`` (CPU, a fresh process each, peak RSS from ``wait4``) on cubic volumes
 of edge 64…256 (1 mm voxels) in two series: the bundled ``lung3d`` model, whose network always
-sees its 128³ grid (what grows is reading, resampling, the field and the warp), and the same
-weights run at the image's own resolution (a model card with ``input_shape`` = the volume),
-which shows how the network itself scales. A series stops after a run slower than
-``--time-limit``. Fits peak memory = a + b·voxels per series to check that memory grows linearly
-in the number of voxels. Prints a markdown table and writes ``docs/figures/bench_scaling.png``.
+sees its card's fixed grid (what grows is reading, resampling, the field and the warp), and
+the same weights run at the image's own resolution (a model card with ``input_shape`` = the
+volume), which shows how the network itself scales. A series stops after a run slower than
+``--time-limit`` (the sizes left out are rows that say so). Memory should grow linearly in the
+number of voxels: the table gives, per size, the peak memory added per voxel added since the
+previous size (constant along a series when it is linear), and a fit of peak memory = a +
+b·voxels per series follows it. Prints a markdown table and writes
+``docs/figures/bench_scaling.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from common import (
 from equireg.models import read_card
 
 EDGES = (64, 96, 128, 160, 192, 256)
-SERIES = {"bundled": "lung3d at its 128³ grid", "native": "lung3d at the image's resolution"}
+GRID = "×".join(map(str, read_card("lung3d").input_shape))
+SERIES = {"bundled": f"lung3d at its {GRID} grid", "native": "lung3d at the image's resolution"}
 
 
 def native_card(folder: Path, edge: int) -> Path:
@@ -74,8 +78,33 @@ def measure(edges: list[int], device: str, time_limit: float) -> list[dict]:
                 shutil.rmtree(folder, ignore_errors=True)
             rows.append({"series": series, "device": device, "edge": edge, **result})
             if result.get("seconds", np.inf) > time_limit:
+                reason = f"not run: {edge}³ took over {time_limit:.0f} s"
+                if "error" in result:
+                    reason = f"not run: {edge}³ failed"
+                rows += [
+                    {"series": series, "device": device, "edge": e, "error": reason}
+                    for e in edges
+                    if e > edge
+                ]
                 break
     return rows
+
+
+def added_per_voxel(rows: list[dict]) -> list[float | None]:
+    """Per row, the peak memory added per voxel added (bytes) since the previous measured size
+    of its series: the same all along a series whose memory is linear in the voxels."""
+    previous: dict[str, dict] = {}
+    slopes = []
+    for row in rows:
+        slope = None
+        if "peak_mb" in row:
+            before = previous.get(row["series"])
+            if before is not None:
+                added = (row["peak_mb"] - before["peak_mb"]) * 2**20
+                slope = added / (row["edge"] ** 3 - before["edge"] ** 3)
+            previous[row["series"]] = row
+        slopes.append(slope)
+    return slopes
 
 
 def linear_fit(rows: list[dict]) -> tuple[float, float, float] | None:
@@ -122,6 +151,7 @@ def main() -> None:
     rows = measure([e for e in EDGES if e <= args.max_edge], args.device, args.time_limit)
     print(f"Machine: {machine()}\n")
     headers = ["series", "edge", "voxels (M)", "wall time (s)", "network (s)", "peak RSS (MB)"]
+    headers.append("added RSS per added voxel (bytes)")
     table = [
         [
             SERIES[r["series"]],
@@ -130,8 +160,9 @@ def main() -> None:
             fmt(r.get("seconds"), 1),
             fmt(r.get("network_s"), 1),
             fmt(r.get("peak_mb"), 0) if "peak_mb" in r else r.get("error", "–"),
+            "" if slope is None else f"{slope:.0f}",
         ]
-        for r in rows
+        for r, slope in zip(rows, added_per_voxel(rows), strict=True)
     ]
     print(markdown_table(headers, table, 1))
     print()
