@@ -36,7 +36,7 @@ def test_bench_scaling_rows_show_linearity_and_sizes_left_out(bench, monkeypatch
     # Memory 100 MB + 64 bytes per voxel, time growing with the edge.
     fake = {"peak_mb": lambda e: 100 + 64 * e**3 / 2**20, "seconds": lambda e: e / 2}
 
-    def register_once(folder, edge, model, device):
+    def register_once(folder, edge, model, device, options):
         return {key: value(edge) for key, value in fake.items()}
 
     monkeypatch.setattr(scaling, "register_once", register_once)
