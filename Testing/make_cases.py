@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from equireg.data.synthetic import vessel_tree
 from equireg.evaluate import jacobian_determinant, transform_field
+from equireg.space import Grid
 
 RETINA_SHA256 = "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6"
 HERE = Path(__file__).resolve().parent
@@ -201,22 +202,16 @@ def vessel_mask_case() -> tuple[sitk.Image, sitk.Image]:
     return sitk.Cast(mask, sitk.sitkFloat32), mask
 
 
-def _physical(image: sitk.Image) -> np.ndarray:
-    """The LPS position (mm) of every voxel: ``(*array shape, d)``, vectors in ITK order."""
-    size = image.GetSize()
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1)
-    scaled = index.reshape(-1, len(size)) * np.array(image.GetSpacing())
-    direction = np.array(image.GetDirection()).reshape(len(size), len(size))
-    points = scaled @ direction.T + np.array(image.GetOrigin())
-    return points.reshape(*size, len(size)).transpose(*range(len(size))[::-1], len(size))
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest connected region of ``mask``."""
+    regions, _ = ndimage.label(mask)
+    return regions == np.argmax(np.bincount(regions.ravel())[1:]) + 1
 
 
 def _body(hu: np.ndarray) -> np.ndarray:
     """The body: the largest connected region above -400 HU (not the table), with what it
     encloses in each axial slice (lungs, airways, bowel gas)."""
-    dense, _ = ndimage.label(hu > -400)
-    body = dense == np.argmax(np.bincount(dense.ravel())[1:]) + 1
-    return np.stack([ndimage.binary_fill_holes(axial) for axial in body])
+    return np.stack([ndimage.binary_fill_holes(axial) for axial in _largest_region(hu > -400)])
 
 
 def chest_ct_case(ct_nrrd: Path) -> tuple[sitk.Image, sitk.Image]:
@@ -236,9 +231,8 @@ def chest_ct_case(ct_nrrd: Path) -> tuple[sitk.Image, sitk.Image]:
     assert np.allclose(np.abs(direction), np.eye(3)), "the split below needs axial slices"
     hu = sitk.GetArrayFromImage(ct)
     body = _body(hu)
-    air, _ = ndimage.label((hu < -400) & body)
-    airways = air == np.argmax(np.bincount(air.ravel())[1:]) + 1
-    x = _physical(ct)[0, 0, :, 0]  # LPS x of each column: patient right is low x
+    airways = _largest_region((hu < -400) & body)
+    x = Grid.of(ct).physical_points()[0, 0, :, 0]  # LPS x of each column: patient right is low x
     spacing = ct.GetSpacing()
     body_x = np.mean(x[np.nonzero(body)[2]])
     labels = np.zeros(hu.shape, np.uint8)
@@ -276,7 +270,7 @@ def _breathing_truth(labels: sitk.Image, rng: np.random.Generator) -> list[sitk.
     """
     array = sitk.GetArrayFromImage(labels)
     lungs = np.isin(array, LUNG_LABELS)
-    position = _physical(labels)
+    position = Grid.of(labels).physical_points()
     z, y = position[..., 2], position[..., 1]
     apex, base = z[lungs].max(), z[lungs].min()
     spine = np.percentile(y[lungs], 99)  # the lungs' posterior edge (LPS y grows posteriorly)
@@ -315,7 +309,7 @@ def _lung_landmarks(
     inside the field."""
     labels = sitk.GetArrayFromImage(fixed_labels)
     vessels = (labels == 4) & ndimage.binary_erosion(np.isin(labels, LUNG_LABELS))
-    x = _physical(fixed)[..., 0]
+    x = Grid.of(fixed).physical_points()[..., 0]
     middle = x[vessels].mean()
     size = np.array(fixed.GetSize())
     pools = []
