@@ -52,7 +52,6 @@ from equireg.nn.builder import build
 from equireg.preprocess import network_input
 from equireg.space import Grid, resample_to_grid
 
-# Foreground of a fixed image on the model grid: intensity above this (images are in [0, 1]).
 KINDS = ("zero fill", "rolled", "pure translation")
 
 
