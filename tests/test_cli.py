@@ -1,4 +1,4 @@
-"""The command's contract (design §3-§4): outputs, transform convention, progress, bad input."""
+"""The command's contract: outputs, transform convention, progress, bad input."""
 
 from __future__ import annotations
 

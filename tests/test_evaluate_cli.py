@@ -1,4 +1,4 @@
-"""``equireg evaluate``: the metrics of any transform file, and its errors (design §4)."""
+"""``equireg evaluate``: the metrics of any transform file, and its errors."""
 
 from __future__ import annotations
 

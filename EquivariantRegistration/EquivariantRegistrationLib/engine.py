@@ -1,4 +1,4 @@
-"""Running ``equireg register`` as a background process (design §4, §5); standard library only.
+"""Running ``equireg register`` as a background process; standard library only.
 
 One function builds the command line, one class launches the engine and hands over its output
 lines without ever blocking the caller: the Slicer widget polls it from a timer, the console
@@ -64,7 +64,7 @@ class ProgressEvent:
 def build_command(
     python: str, inputs: EngineInputs, output_dir: Path, options: Options
 ) -> list[str]:
-    """``python -m equireg register ...`` with JSON progress on stdout (design §4)."""
+    """``python -m equireg register ...`` with JSON progress on stdout."""
     command = [
         python,
         "-m",

@@ -1,4 +1,4 @@
-"""Qt-free bridge between MRML nodes and the files of ``equireg register`` (design §3, §5).
+"""Qt-free bridge between MRML nodes and the files of ``equireg register``.
 
 Only MRML classes (``slicer.vtkMRML*``, present in Slicer and in PyPI ``slicer-core``), VTK,
 numpy and the standard library: pytest covers all of it without the Slicer application.

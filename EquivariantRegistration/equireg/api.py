@@ -7,16 +7,11 @@ moving image with it onto the fixed grid gives ``Result.warped``.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +19,13 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, affine, losses
+from .device import resolve_device
 from .errors import InputError, RegistrationFailure
 from .evaluate import folding_fraction
-from .io import checked_mask, read_image, read_mask, write_image, write_transform
+from .io import checked_mask, read_image, read_mask
 from .maps import Map, compose, displacement_map, evaluate, identity_grid, sampled_map, warp
 from .models import ModelCard, load_network, read_card
+from .outputs import Result
 from .preprocess import network_input, network_mask, normalise_intensity
 from .space import Grid, physical_displacement, resample_to_grid
 
@@ -36,81 +33,6 @@ Progress = Callable[[str, float, str], None]
 ImageLike = str | os.PathLike | sitk.Image
 
 REFINE_DIFFUSION_WEIGHT = 2.0  # LNCC + this × diffusion (voxel units) in instance optimisation
-
-OUTPUT_FILES = {
-    "transform": "transform.h5",
-    "displacement": "displacement.nrrd",
-    "warped": "warped.nrrd",
-    "report": "report.json",
-    "inverse_transform": "inverse_transform.h5",
-}
-
-
-@dataclass
-class Result:
-    """What one registration produced; ``save`` writes the files of design §3 atomically."""
-
-    transform: sitk.Transform
-    displacement: sitk.Image
-    warped: sitk.Image
-    report: dict[str, Any]
-    inverse_transform: sitk.Transform | None = None
-
-    def save(self, output_dir: str | os.PathLike) -> dict[str, str]:
-        """Write every output into a temporary folder, then move them into ``output_dir``."""
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".equireg-", dir=output_dir))
-        try:
-            write_transform(self.transform, staging / OUTPUT_FILES["transform"])
-            write_image(self.displacement, staging / OUTPUT_FILES["displacement"])
-            write_image(self.warped, staging / OUTPUT_FILES["warped"])
-            names = ["transform", "displacement", "warped", "report"]
-            if self.inverse_transform is not None:
-                write_transform(self.inverse_transform, staging / OUTPUT_FILES["inverse_transform"])
-                names.append("inverse_transform")
-            outputs = {name: str(output_dir / OUTPUT_FILES[name]) for name in names}
-            report = {**self.report, "outputs": outputs}
-            (staging / OUTPUT_FILES["report"]).write_text(json.dumps(report, indent=2) + "\n")
-            for name in names:
-                os.replace(staging / OUTPUT_FILES[name], output_dir / OUTPUT_FILES[name])
-            return outputs
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Fail early (``InputError``) when ``output_dir`` cannot be created or written."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"{output_dir}: output folder is an existing file")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=".equireg-probe-", dir=output_dir)
-        os.rmdir(probe)
-    except OSError as error:
-        raise InputError(
-            f"{output_dir}: output folder cannot be written ({error.strerror})"
-        ) from None
-    return output_dir
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda[:N]`` must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"--device {spec}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InputError(f"--device {spec}: only cpu and cuda devices are supported")
-    return device
 
 
 class _Stages:

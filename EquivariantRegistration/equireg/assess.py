@@ -1,6 +1,6 @@
 """What ``equireg evaluate`` computes: the metrics of ``evaluate.py`` for any transform file.
 
-The transform maps fixed physical points to moving ones (design §3), whichever tool made it, so
+The transform maps fixed physical points to moving ones (README), whichever tool made it, so
 the same function scores this project, elastix, ANTs or a hand-made transform. Every file
 problem is an ``InputError`` naming the file; metrics whose inputs are not given are left out.
 """
@@ -155,7 +155,7 @@ def model_equivariance(
     image's foreground (``FOREGROUND``; in a constant background any map is as good as another,
     docs/equivariance.md) and everywhere.
     """
-    from .api import resolve_device
+    from .device import resolve_device
     from .models import load_network, read_card
 
     torch_device = resolve_device(device)

@@ -1,4 +1,4 @@
-"""The ``equireg`` command (design §4): argument parsing, progress and exit codes only.
+"""The ``equireg`` command (README, docs/errors.md): argument parsing, progress and exit codes only.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the file and the
 problem), 3 runtime failure. ``--debug`` shows tracebacks.
@@ -47,7 +47,8 @@ def _progress_printer(
 
 
 def _register(args: argparse.Namespace) -> int:
-    from .api import check_output_dir, register
+    from .api import register
+    from .outputs import check_output_dir
 
     output_dir = check_output_dir(args.output_dir)
     progress, close = _progress_printer(args.progress)
@@ -155,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .api import resolve_device
+    from .device import resolve_device
     from .train import load_config, train
 
     config = load_config(args.config)

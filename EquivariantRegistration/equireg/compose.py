@@ -1,4 +1,4 @@
-"""Registration steps and how they combine (design §1).
+"""Registration steps and how they combine (docs/architecture.md).
 
 Contract of every step, written once: ``step(moving, fixed)`` returns a map ``φ`` (see
 ``maps.py``) with ``moving ∘ φ ≈ fixed``. Images are ``(B, C, *S)`` tensors in network space.

@@ -15,10 +15,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .api import Progress, check_output_dir, register
+from .api import Progress, register
 from .data.synthetic import deform, fundus_photograph, random_diffeomorphism, translation
 from .io import write_image
 from .maps import compose, evaluate, sampled_map
+from .outputs import check_output_dir
 from .space import Grid
 
 SAMPLE_SHAPE = (256, 256)

@@ -1,4 +1,4 @@
-"""Exceptions users can act on; the command maps them to exit codes (design §4)."""
+"""Exceptions users can act on; the command maps them to exit codes (README)."""
 
 
 class InputError(ValueError):

@@ -1,4 +1,4 @@
-"""Metrics for reports, tests and benchmarks: folding, equivariance, similarity, TRE (design §7)."""
+"""Metrics for reports, tests and benchmarks: folding, equivariance, similarity, TRE."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def target_registration_error(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Distance (mm) from ``T(fixed_i)`` to ``moving_i`` per landmark pair, and a summary.
 
-    ``transform`` maps fixed physical points to moving ones (our convention, design §3); points
+    ``transform`` maps fixed physical points to moving ones (our convention, README); points
     are ``(N, d)`` LPS mm in ITK order. The summary has ``mean``, ``median``, ``p90``, ``max``.
     """
     fixed_points = np.asarray(fixed_points_mm, dtype=np.float64)

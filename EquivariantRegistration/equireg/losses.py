@@ -1,4 +1,4 @@
-"""Training and instance-optimisation losses: similarity and regularisers (design §1).
+"""Training and instance-optimisation losses: similarity and regularisers (docs/architecture.md).
 
 Images are ``(B, C, *S)`` tensors and maps follow ``maps.py`` (network coordinates, 1-, 2- or
 3-D). Every function here is differentiable; each loss is 0 for a perfect result.

@@ -1,6 +1,6 @@
 """``equireg train CONFIG``: unsupervised training with resumable, deterministic checkpoints.
 
-Loss (design §1): LNCC + diffusion during warm-up, then LNCC + gradient inverse consistency.
+Loss (docs/models.md): LNCC + diffusion during warm-up, then LNCC + gradient inverse consistency.
 On synthetic pairs the true map is known; ``map_weight`` adds it as a supervised term for the
 first ``map_steps`` steps, which gives the attention features a direct signal from random
 weights (unsupervised similarity alone reaches a useful model far slower on a CPU).

@@ -1,4 +1,4 @@
-"""Bundled models: a JSON model card beside each weights file (design §6).
+"""Bundled models: a JSON model card beside each weights file (docs/models.md).
 
 A model is named by a preset (``retina2d``, ``lung3d``), ``auto`` (the preset for the image's
 dimension), or a path to a ``.pt`` state dict with its card at the same path with ``.json``.

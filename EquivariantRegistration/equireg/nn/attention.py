@@ -1,4 +1,4 @@
-"""Function inversion by attention, and the memory-efficient attention it runs on (design §1).
+"""Function inversion by attention, and the memory-efficient attention it runs on.
 
 ``attention`` never builds the ``N × M`` attention matrix. On CUDA it is PyTorch's fused
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels). Elsewhere it is our chunked

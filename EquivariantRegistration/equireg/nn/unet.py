@@ -1,7 +1,7 @@
 """A U-Net that predicts a displacement field from ``cat(moving, fixed)``.
 
 It is translation-equivariant for shifts that are multiples of ``2 ** levels`` voxels (the
-pooling grid), which is the ``[U, U]`` equivariance the refinement steps need (design §1).
+pooling grid), which is the ``[U, U]`` equivariance the refinement steps need.
 """
 
 from __future__ import annotations
