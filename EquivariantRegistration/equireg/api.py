@@ -289,7 +289,9 @@ def register(
     fixed_mask: ImageLike | None = None,
     moving_mask: ImageLike | None = None,
     inverse: bool = False,
-    field_grid: str = "network",
+    field_grid: str = "auto",
+    similarity: str = "lncc",
+    quality: str = "balanced",
     progress: Progress | None = None,
 ) -> Result:
     """Register ``moving`` to ``fixed`` (paths or SimpleITK images) with a bundled model.
@@ -310,8 +312,10 @@ def register(
         raise InputError(f"--initial {initial}: must be none, {', '.join(affine.MODES)}")
     if refine_steps is not None and refine_steps < 0:
         raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
-    if field_grid not in ("network", "fixed"):
-        raise InputError(f"field grid {field_grid!r}: must be 'network' or 'fixed'")
+    if field_grid not in ("auto", "network", "fixed"):
+        raise InputError(f"--field-grid {field_grid}: must be auto, network or fixed")
+    if field_grid == "auto":
+        field_grid = "network"
     notices: list[str] = []
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
     stage_list += (["refine"] if refine_steps != 0 else []) + ["field", "warp"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import InputError
+from .options import RUN_OPTIONS
 
 EXIT_OK, EXIT_INPUT, EXIT_FAILURE = 0, 2, 3
 
@@ -56,15 +57,10 @@ def _register(args: argparse.Namespace) -> int:
         result = register(
             args.fixed,
             args.moving,
-            model=args.model,
-            device=args.device,
-            initial=args.initial,
-            refine_steps=args.refine_steps,
             fixed_mask=args.fixed_mask,
             moving_mask=args.moving_mask,
-            inverse=args.inverse,
-            field_grid=args.field_grid,
             progress=progress,
+            **{option.name: getattr(args, option.name) for option in RUN_OPTIONS},
         )
         outputs = result.save(output_dir)
     finally:
@@ -186,29 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA, DICOM folder, PNG/JPEG)")
     reg.add_argument("moving", help="moving image")
     reg.add_argument("-o", "--output-dir", required=True, help="folder for the outputs")
-    reg.add_argument("--model", default="auto", help="auto, a bundled name, or a .pt path")
-    reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    reg.add_argument(
-        "--initial",
-        default="none",
-        choices=["none", "translation", "rigid", "affine"],
-        help="alignment in physical space before the network (composed into transform.h5)",
-    )
-    reg.add_argument(
-        "--refine-steps",
-        type=int,
-        default=None,
-        help="instance optimisation steps (default: what the model card recommends)",
-    )
+    for option in RUN_OPTIONS:
+        if option.flag_only:
+            reg.add_argument(option.flag, action="store_true", help=option.help)
+        else:
+            reg.add_argument(
+                option.flag,
+                type=option.kind,
+                default=option.default,
+                choices=option.choices,
+                help=option.help,
+            )
     reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
     reg.add_argument("--moving-mask", help="mask on the moving image's grid")
-    reg.add_argument("--inverse", action="store_true", help="also write inverse_transform.h5")
-    reg.add_argument(
-        "--field-grid",
-        default="network",
-        choices=["network", "fixed"],
-        help="grid of displacement.nrrd: the model's resolution (default) or the fixed image's",
-    )
     reg.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
     reg.set_defaults(run=_register)
 

@@ -1,0 +1,87 @@
+"""The options of one registration, registered once: the command line, ``register`` and the
+Slicer bridge all read this list (standard library only, so Slicer's GUI process can import it
+without torch).
+
+Adding an option: one ``RunOption`` here (the command line gains ``--flag`` and the bridge
+passes it), one keyword of ``api.register`` that uses it, and, for the Slicer panel, one
+parameter-node field and widget (docs/slicer.md, "Adding an option").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """One option of ``equireg register``: ``--flag`` on the command line, ``name`` in Python.
+
+    ``choices`` lists the valid values of a choice option (``None``: free value of ``kind``);
+    ``default`` is what ``register`` uses when the option is not given (``None``: decided at
+    run time, e.g. by the model card).
+    """
+
+    name: str
+    kind: type
+    default: object
+    help: str
+    choices: tuple[str, ...] | None = None
+    flag_only: bool = False  # a switch (``--inverse``) rather than ``--flag VALUE``
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SIMILARITIES = ("lncc", "mind", "nmi", "mse")
+QUALITIES = ("fast", "balanced", "best")
+
+RUN_OPTIONS: tuple[RunOption, ...] = (
+    RunOption("model", str, "auto", "auto, a bundled model name, or a .pt path"),
+    RunOption("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    RunOption(
+        "initial",
+        str,
+        "none",
+        "linear alignment in physical space before the network (composed into transform.h5)",
+        ("none", "translation", "rigid", "affine"),
+    ),
+    RunOption(
+        "similarity",
+        str,
+        "lncc",
+        "similarity of the refinement and the guarded start: lncc (same contrast), mind or nmi "
+        "(multimodal, e.g. T1/T2, CT/MR), mse (same intensities)",
+        SIMILARITIES,
+    ),
+    RunOption(
+        "quality",
+        str,
+        "balanced",
+        "refinement pyramid: fast (coarse levels only), balanced, best (finest levels, more steps)",
+        QUALITIES,
+    ),
+    RunOption(
+        "refine_steps",
+        int,
+        None,
+        "refinement steps per pyramid level (default: the quality preset's); 0: network only",
+    ),
+    RunOption(
+        "field_grid",
+        str,
+        "auto",
+        "grid of displacement.nrrd: auto (the finest refinement level), network (the model's "
+        "grid) or fixed (the fixed image's own grid)",
+        ("auto", "network", "fixed"),
+    ),
+    RunOption(
+        "inverse",
+        bool,
+        False,
+        "also write inverse_transform.h5 (moving -> fixed)",
+        flag_only=True,
+    ),
+)
+
+BY_NAME = {option.name: option for option in RUN_OPTIONS}
