@@ -15,10 +15,12 @@ import torch
 from conftest import gaussian_blobs
 
 import equireg.api
+from equireg.capture import capture
 from equireg.cli import main
 from equireg.compose import RegistrationStep
 from equireg.maps import Map
-from equireg.models import MODELS_DIR
+from equireg.models import MODELS_DIR, read_card
+from equireg.refine import QUALITY
 
 OUTPUTS = {"transform.h5", "displacement.nrrd", "warped.nrrd", "report.json"}
 
@@ -126,25 +128,41 @@ class _KnownShift(RegistrationStep):
         return lambda coords: coords + offset
 
 
-def test_network_translation_becomes_the_right_physical_translation(
+def test_network_translation_becomes_the_right_physical_translation(tmp_path: Path) -> None:
+    """The network sees both images in one physical frame (isotropic voxels, LPS axes): on a
+    96×80 grid with spacing (0.5, 0.75) mm (72 × 40 mm), retina2d's 128² frame has 0.5625 mm
+    voxels, so a network map shifting by (+0.125 along y, −0.05 along x) of the frame is the
+    physical translation (−3.6, +9.0) mm (x, y)."""
+    fixed = sitk.ReadImage(
+        str(_write(_blobs((96, 80)), tmp_path / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))),
+        sitk.sitkFloat32,
+    )
+    card = read_card("retina2d")
+    net = capture(
+        _KnownShift((0.125, -0.05)), card, fixed, fixed, None, None, torch.device("cpu"), []
+    )
+    points = np.array([[20.0, 10.0], [30.0, 40.0], [-100.0, 300.0]])
+    np.testing.assert_allclose(net.map(points) - points, [[-3.6, 9.0]] * 3, atol=1e-4)
+
+
+def test_network_start_follows_a_moved_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A network map shifting by (+0.125 along y, −0.05 along x) of the extent is, on a 96×80
-    grid with spacing (0.5, 0.75) mm, a transform T(p) = p + (−2.0, +9.0) mm (x, y), i.e. 12
-    rows and −4 columns, and warping the moving image with it samples moving at p + t."""
-    fixed = _write(_blobs((96, 80)), tmp_path / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))
-    monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.125, -0.05)))
-    result = equireg.api.register(fixed, fixed, field_grid="fixed")
-    expected = np.array([-2.0, 9.0])
+    """The same content stored 7 mm further right and 5 mm lower (origin moved): the network's
+    frames move with each image's extent, so even a network that returns the identity in its
+    frame gives T(p) = p + (7, 5) mm, and the guarded start takes it over the identity; warping
+    the moving image with it gives the fixed image back."""
+    array = _blobs((96, 80))
+    fixed = _write(array, tmp_path / "fixed.nrrd", (0.5, 0.75), (10.0, -4.0))
+    moving = _write(array, tmp_path / "moving.nrrd", (0.5, 0.75), (17.0, 1.0))
+    monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.0, 0.0)))
+    result = equireg.api.register(fixed, moving, field_grid="fixed", refine_steps=0)
+    assert result.report["refinement"]["start"]["chosen"] == "network"
     for point in ([20.0, 10.0], [30.0, 40.0]):
         np.testing.assert_allclose(
-            np.array(result.transform.TransformPoint(point)) - point, expected, atol=1e-4
+            np.array(result.transform.TransformPoint(point)) - point, [7.0, 5.0], atol=1e-4
         )
-    image = sitk.ReadImage(str(fixed))
-    warped = sitk.GetArrayFromImage(result.warped)
-    shifted = np.roll(sitk.GetArrayFromImage(image), shift=(-12, 4), axis=(0, 1))
-    inner = (slice(15, -15), slice(10, -10))
-    np.testing.assert_allclose(warped[inner], shifted[inner], atol=1e-2)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped), array, atol=1e-3)
 
 
 def test_json_progress_lines(
@@ -161,24 +179,16 @@ def test_json_progress_lines(
     assert set(Path(p).name for p in lines[-1]["outputs"].values()) == OUTPUTS
 
 
-def test_refinement_defaults_to_the_model_card(
-    pair_2d: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """No --refine-steps: the card's ``refine_steps`` runs; an explicit 0 overrides it."""
-    card = json.loads((MODELS_DIR / "retina2d.json").read_text())
-    (tmp_path / "retina2d.json").write_text(json.dumps({**card, "refine_steps": 2}))
-    shutil.copy(MODELS_DIR / "retina2d.pt", tmp_path / "retina2d.pt")
-    model = str(tmp_path / "retina2d.pt")
-
-    def stages(*options: str) -> list[str]:
-        assert (
-            _register(pair_2d, tmp_path / "o", "--model", model, "--progress", "json", *options)
-            == 0
-        )
-        return [json.loads(line)["stage"] for line in capsys.readouterr().out.splitlines()]
-
-    assert stages().count("refine") == 3  # entering, then one line per step
-    assert "refine" not in stages("--refine-steps", "0")
+def test_refinement_defaults_to_the_quality_preset(pair_2d: tuple[Path, Path]) -> None:
+    """No refine_steps: the quality preset's steps on each of its levels; an explicit 0 keeps
+    the best start and runs no refinement stage."""
+    for quality in ("fast", "balanced"):
+        report = equireg.api.register(*pair_2d, quality=quality).report
+        levels = report["refinement"]["levels"]
+        assert [level["steps"] for level in levels] == [QUALITY[quality].steps] * len(levels)
+        assert len(levels) == QUALITY[quality].levels
+    report = equireg.api.register(*pair_2d, refine_steps=0).report
+    assert report["refinement"]["levels"] == [] and "refine" not in report["timings_s"]
 
 
 def _known_affine(fixed: sitk.Image) -> sitk.AffineTransform:
@@ -241,11 +251,13 @@ def test_initial_affine_outputs_are_consistent(
 def test_initial_affine_recovers_the_transform_and_its_inverse(
     affine_pair: tuple[Path, Path, sitk.Transform], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a network that returns the identity, transform.h5 is the affine stage alone: it must
-    be the known transform (fixed → moving) and inverse_transform.h5 its inverse."""
+    """With a network that returns the identity and no refinement, the guarded start is the
+    affine stage: transform.h5 must be the known transform (fixed → moving) and
+    inverse_transform.h5 its inverse, also outside the fields' grids."""
     monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.0, 0.0)))
     fixed, moving, truth = affine_pair
-    result = equireg.api.register(fixed, moving, initial="affine", inverse=True)
+    result = equireg.api.register(fixed, moving, initial="affine", inverse=True, refine_steps=0)
+    assert result.report["refinement"]["start"]["chosen"] == "affine"
     image = sitk.ReadImage(str(fixed))
     points = [
         image.TransformIndexToPhysicalPoint((i, j)) for i in (10, 40, 70) for j in (10, 50, 85)

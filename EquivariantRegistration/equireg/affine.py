@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .maps import sample
+from .preprocess import background_value
 from .space import Grid, resample_to_grid
 
 MODES = ("translation", "rigid", "affine")
@@ -759,7 +760,8 @@ class AffineResult:
         """``moving`` (linear) and its mask (nearest) seen through ``T`` on ``fixed``'s grid: what
         the registration that follows this alignment takes as its moving image."""
         transform = self.transform()
-        image = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        fill = background_value(sitk.GetArrayViewFromImage(moving))  # not 0: −1024 HU for CT
+        image = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
         if moving_mask is None:
             return image, None
         mask = sitk.Resample(moving_mask, fixed, transform, sitk.sitkNearestNeighbor, 0)

@@ -3,89 +3,42 @@
 The result's transform maps fixed physical points (LPS mm) to moving physical points, the
 resampling convention of ITK, elastix, ANTs and Slicer's "from parent" transforms; warping the
 moving image with it onto the fixed grid gives ``Result.warped``.
+
+The pipeline (docs/architecture.md): check inputs → load → (linear alignment) → network at its
+grid in one physical frame (``capture.py``) → guarded start and refinement pyramid up to the
+fixed image's spacing (``refine.py``) → outputs (``outputs.py``) → report (``report.py``).
 """
 
 from __future__ import annotations
 
 import os
-import platform
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, affine, losses
+from . import affine
+from .capture import PointMap, capture, unsuitable
 from .device import resolve_device
-from .errors import InputError, RegistrationFailure
+from .errors import InputError
 from .evaluate import folding_fraction
 from .io import checked_mask, read_image, read_mask
-from .maps import Map, compose, displacement_map, evaluate, identity_grid, sampled_map, warp
 from .models import ModelCard, load_network, read_card
+from .options import BY_NAME
 from .outputs import Result
-from .preprocess import network_input, network_mask, normalise_intensity
-from .space import Grid, physical_displacement, resample_to_grid
+from .preprocess import background_value, robust_range
+from .refine import QUALITY, ImagePair, Refined, field_array, field_tensor, refine, resize_field
+from .refine import score as level_score
+from .report import peak_memory, versions
+from .similarity import Similarity
+from .similarity import get as get_similarity
+from .space import Grid
+from .stages import Progress, Stages
 
-Progress = Callable[[str, float, str], None]
 ImageLike = str | os.PathLike | sitk.Image
-
-REFINE_DIFFUSION_WEIGHT = 2.0  # LNCC + this × diffusion (voxel units) in instance optimisation
-
-
-class _Stages:
-    """Turns per-stage progress into one overall fraction and records each stage's wall time."""
-
-    WEIGHTS = {
-        "load": 1,
-        "affine": 3,
-        "network": 3,
-        "refine": 6,
-        "field": 2,
-        "warp": 1,
-        "inverse": 6,
-    }
-
-    def __init__(self, progress: Progress | None, stages: list[str]):
-        self.progress = progress or (lambda *_: None)
-        self._plan(stages)
-        self.timings: dict[str, float] = {}
-        self._current: tuple[str, float] | None = None
-
-    def _plan(self, stages: list[str]) -> None:
-        self.total = sum(self.WEIGHTS[s] for s in stages)
-        self.start: dict[str, float] = {}
-        offset = 0.0
-        for stage in stages:
-            self.start[stage] = offset
-            offset += self.WEIGHTS[stage] / self.total
-
-    def skip(self, stage: str) -> None:
-        """Leave out a stage that turned out not to run (call before any later stage starts)."""
-        self._plan([s for s in self.start if s != stage])
-
-    def enter(self, stage: str, message: str) -> None:
-        self._close()
-        self._current = (stage, time.perf_counter())
-        self.progress(stage, self.start[stage], message)
-
-    def update(self, stage: str, fraction: float, message: str) -> None:
-        done = self.start[stage] + fraction * self.WEIGHTS[stage] / self.total
-        self.progress(stage, min(done, 1.0), message)
-
-    def _close(self) -> None:
-        if self._current is not None:
-            stage, began = self._current
-            self.timings[stage] = round(
-                self.timings.get(stage, 0.0) + time.perf_counter() - began, 3
-            )
-            self._current = None
-
-    def finish(self) -> dict[str, float]:
-        self._close()
-        return self.timings
 
 
 def _as_image(image: ImageLike, notify: Callable[[str], None]) -> sitk.Image:
@@ -102,162 +55,106 @@ def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.I
     return read_mask(mask, reference, role)
 
 
-def _refine(
-    base: Map,
-    moving: torch.Tensor,
-    fixed: torch.Tensor,
-    steps: int,
-    fixed_mask: torch.Tensor | None,
-    report_step: Callable[[int], None],
-) -> Map:
-    """Instance optimisation: a displacement ψ (in voxels) composed after the network's map.
+@dataclass
+class _Options:
+    """The checked run options (``options.RUN_OPTIONS``), with defaults resolved."""
 
-    Minimises LNCC(moving ∘ Φ ∘ ψ, fixed) + λ·diffusion(ψ) with Adam; the network's map is
-    kept as it is, so the [W, U] equivariance of Φ carries over (the optimisation of ψ only
-    sees the already aligned pair).
-    """
-    shape = fixed.shape[2:]
-    scale = torch.tensor(shape, dtype=fixed.dtype, device=fixed.device).view(
-        1, -1, *[1] * len(shape)
-    )
-    voxels = torch.zeros(1, len(shape), *shape, device=fixed.device, requires_grad=True)
-    identity = identity_grid(shape, device=fixed.device)
-    optimiser = torch.optim.Adam([voxels], lr=0.1)
-    weight = fixed_mask if fixed_mask is not None else 1.0
-    with torch.enable_grad():
-        for step in range(steps):
-            optimiser.zero_grad()
-            phi = compose(base, displacement_map(voxels / scale))
-            moved = warp(moving, phi, shape)
-            smoothness = losses.diffusion(identity + voxels / scale)
-            loss = (
-                losses.lncc(moved * weight, fixed * weight) + REFINE_DIFFUSION_WEIGHT * smoothness
-            )
-            loss.backward()
-            optimiser.step()
-            report_step(step)
-    refined = compose(base, displacement_map(voxels.detach() / scale))
-    return sampled_map(evaluate(refined, shape, 1, fixed))
+    initial: str
+    similarity: Similarity
+    quality: str
+    steps: int
+    field_grid: str
+    inverse: bool
 
 
-def _network_map(
-    network: torch.nn.Module,
-    moving: torch.Tensor,
-    fixed: torch.Tensor,
+def _check_options(
+    initial: str, similarity_name: str, quality: str, steps: int | None, field_grid: str
+) -> None:
+    for name, value in (
+        ("initial", initial),
+        ("similarity", similarity_name),
+        ("quality", quality),
+        ("field_grid", field_grid),
+    ):
+        option = BY_NAME[name]
+        if value not in (option.choices or ()):
+            raise InputError(f"{option.flag} {value}: must be one of {', '.join(option.choices)}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise InputError(f"--refine-steps {steps!r}: must be a whole number, 0 or more")
+
+
+@dataclass
+class _Direction:
+    """One direction of the registration: what is registered to what, and its starts."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+    starts: dict[str, PointMap]
+
+
+def _displacement_on(point_map: PointMap) -> Callable[[Grid], np.ndarray]:
+    def on(grid: Grid) -> np.ndarray:
+        points = grid.physical_points()
+        return point_map(points) - points
+
+    return on
+
+
+def _inverse_affine(alignment: affine.AffineResult) -> PointMap:
+    inverse = np.linalg.inv(alignment.matrix)
+
+    def apply(points: np.ndarray) -> np.ndarray:
+        shifted = np.asarray(points) - alignment.centre - alignment.translation
+        return shifted @ inverse.T + alignment.centre
+
+    return apply
+
+
+def _solve(
+    direction: _Direction,
+    options: _Options,
+    output_grid: Callable[[Grid | None], Grid],
     device: torch.device,
-) -> torch.Tensor:
-    """Φ[moving, fixed] on the fixed network grid, float32 ``(1, d, *shape)``."""
-    network = network.to(device)
-    moving, fixed = moving.to(device), fixed.to(device)
-    autocast = nullcontext()
-    if device.type == "cuda":  # bf16 convolutions, TF32 matmuls; attention keeps float32 maps
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    with torch.no_grad(), autocast:
-        phi = network(moving, fixed)
-        values = evaluate(phi, fixed.shape[2:], 1, fixed)
-    return values.float()
-
-
-def _similarity(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
-    weight = mask if mask is not None else 1.0
-    with torch.no_grad():
-        return {
-            "lncc": round(1.0 - float(losses.lncc(a * weight, b * weight)), 5),
-            "mse": round(float(losses.mse(a * weight, b * weight)), 6),
-        }
-
-
-def _displacement_image(values: np.ndarray, grid: Grid) -> sitk.Image:
-    image = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
-    return grid.stamp(image)
-
-
-def _one_direction(
-    network: torch.nn.Module,
-    card: ModelCard,
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    fixed_mask: sitk.Image | None,
-    moving_mask: sitk.Image | None,
-    device: torch.device,
-    refine_steps: int,
-    field_grid: str,
-    stages: _Stages,
-    stage_names: tuple[str, str, str],
-    unaligned: sitk.Image | None = None,
-) -> tuple[sitk.Image, dict[str, Any], list[str]]:
-    """Run the network (and refinement) for one direction; returns the physical field.
-
-    ``unaligned`` is the moving image before an initial alignment (``moving`` is then its
-    resampling onto the fixed grid): "similarity_before" is measured on it.
-    """
-    network_stage, refine_stage, field_stage = stage_names
-    warnings: list[str] = []
-    shape = card.input_shape
-    fixed_net, fixed_grid = network_input(fixed, shape, card.preprocessing, fixed_mask)
-    moving_net, moving_grid = network_input(moving, shape, card.preprocessing, moving_mask)
-    mask_net = network_mask(fixed_mask, shape) if fixed_mask is not None else None
-
-    stages.enter(network_stage, f"running {card.name} on {device}")
-    try:
-        values = _network_map(network, moving_net, fixed_net, device)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        warnings.append(f"CUDA ran out of memory on {device}; fell back to the CPU")
-        device = torch.device("cpu")
-        try:
-            values = _network_map(network, moving_net, fixed_net, device)
-        except RuntimeError as error:
-            raise RegistrationFailure(
-                f"out of memory on CUDA, and the CPU failed too: {error}"
-            ) from None
-    compute = values.device
-    fixed_net, moving_net = fixed_net.to(compute), moving_net.to(compute)
-    mask_net = mask_net.to(compute) if mask_net is not None else None
-    phi = sampled_map(values)
-
-    if refine_steps > 0:
-        stages.enter(refine_stage, f"instance optimisation, {refine_steps} steps")
-
-        def report_step(step: int) -> None:
-            stages.update(
-                refine_stage, (step + 1) / refine_steps, f"step {step + 1}/{refine_steps}"
-            )
-
-        phi = _refine(phi, moving_net, fixed_net, refine_steps, mask_net, report_step)
-
-    stages.enter(field_stage, "computing the displacement field")
-
-    def on_fixed_grid(image: sitk.Image) -> torch.Tensor:
-        values = sitk.GetArrayFromImage(resample_to_grid(image, fixed_grid))
-        return torch.from_numpy(normalise_intensity(values, card.preprocessing))[None, None]
-
-    after = warp(moving_net, phi, shape)
-    quality = {
-        "similarity_before": _similarity(
-            on_fixed_grid(moving if unaligned is None else unaligned).to(compute),
-            fixed_net,
-            mask_net,
+    progress: Callable[[float, str], None] = lambda _f, _m: None,
+) -> tuple[sitk.Image, Refined, dict[str, Any]]:
+    """Refine one direction; returns its displacement image on ``output_grid(finest level)``
+    (``None`` without refinement), the refinement and the similarity before/after."""
+    pair = ImagePair(
+        direction.fixed,
+        direction.moving,
+        direction.fixed_mask,
+        direction.moving_mask,
+        (
+            robust_range(sitk.GetArrayViewFromImage(direction.fixed)),
+            robust_range(sitk.GetArrayViewFromImage(direction.moving)),
         ),
-        "similarity_after": _similarity(after, fixed_net, mask_net),
-        "device": str(device),
-    }
-    if unaligned is not None:
-        quality["similarity_after_initial"] = _similarity(
-            on_fixed_grid(moving).to(compute), fixed_net, mask_net
-        )
-    output_grid = fixed_grid if field_grid == "network" else Grid.of(fixed)
-    field_values = physical_displacement(phi, fixed_grid, moving_grid, output_grid, like=values)
-    quality["folding_fraction"] = folding_fraction(
-        field_values, output_grid.spacing, output_grid.direction
+        device,
     )
-    if quality["folding_fraction"] > 0.01:
-        warnings.append(
-            f"{100 * quality['folding_fraction']:.1f}% of the field folds (Jacobian det ≤ 0)"
-        )
-    return _displacement_image(field_values, output_grid), quality, warnings
+    starts = {name: _displacement_on(point_map) for name, point_map in direction.starts.items()}
+    refined = refine(
+        pair, starts, options.similarity, QUALITY[options.quality], options.steps, progress
+    )
+    grid = output_grid(refined.grid if options.steps else None)
+    if options.steps == 0 or refined.start_returned:
+        values = starts[refined.start](grid)
+    else:
+        values = field_array(resize_field(refined.displacement, grid.shape))
+    image = grid.stamp(sitk.GetImageFromArray(values.astype(np.float64), isVector=True))
+
+    level, zero = refined.level, torch.zeros_like(refined.displacement)
+    measures = {"lncc": get_similarity("lncc"), options.similarity.name: options.similarity}
+    quality: dict[str, Any] = {
+        key: {name: level_score(level, field, m) for name, m in measures.items()}
+        for key, field in (("similarity_before", zero), ("similarity_after", refined.displacement))
+    }
+    if "affine" in starts:
+        affine_field = field_tensor(starts["affine"](level.grid), device)
+        quality["similarity_after_initial"] = {
+            name: level_score(level, affine_field, m) for name, m in measures.items()
+        }
+    return image, refined, quality
 
 
 def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
@@ -265,17 +162,42 @@ def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransfor
     return sitk.DisplacementFieldTransform(sitk.Image(displacement))
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    peak: dict[str, float] = {}
-    try:  # Unix only; Slicer on Windows runs the engine too
-        import resource
+def _with_linear(
+    displacement: sitk.Image, linear: sitk.Transform | None, undo: PointMap | None
+) -> sitk.Transform:
+    """The total field ``x + u(x)`` as a transform; with a linear stage ``L`` (``undo`` = its
+    inverse), ``L ∘ (x + r(x))`` with the residual ``r = L⁻¹(x + u(x)) − x``, so that points
+    outside the field's grid still get ``L`` rather than no motion at all."""
+    if linear is None or undo is None:
+        return _field_transform(displacement)
+    grid = Grid.of(displacement)
+    points = grid.physical_points()
+    residual = undo(points + sitk.GetArrayFromImage(displacement)) - points
+    residual_image = grid.stamp(sitk.GetImageFromArray(residual, isVector=True))
+    # CompositeTransform applies the last added first: x ↦ L(x + r(x)) = x + u(x).
+    return sitk.CompositeTransform([linear, _field_transform(residual_image)])
 
-        peak["cpu_max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
+
+def _output_grid(field_grid: str, fixed: sitk.Image, card: ModelCard) -> Callable:
+    """Where the field is written: the fixed image's own grid, the model's grid over the fixed
+    extent, or (``auto``) the finest refinement level (the model's grid without refinement)."""
+
+    def choose(finest: Grid | None) -> Grid:
+        if field_grid == "fixed":
+            return Grid.of(fixed)
+        if field_grid == "network" or finest is None:
+            return Grid.of(fixed).resized(card.input_shape)
+        return finest
+
+    return choose
+
+
+def _folding(displacement: sitk.Image, warnings: list[str]) -> float:
+    grid = Grid.of(displacement)
+    fraction = folding_fraction(sitk.GetArrayFromImage(displacement), grid.spacing, grid.direction)
+    if fraction > 0.01:
+        warnings.append(f"{100 * fraction:.1f}% of the field folds (Jacobian det ≤ 0)")
+    return fraction
 
 
 def register(
@@ -285,44 +207,56 @@ def register(
     model: str = "auto",
     device: str = "auto",
     initial: str = "none",
+    similarity: str = "lncc",  # noqa: A002 - the option's name (options.py)
+    quality: str = "balanced",
     refine_steps: int | None = None,
     fixed_mask: ImageLike | None = None,
     moving_mask: ImageLike | None = None,
     inverse: bool = False,
     field_grid: str = "auto",
-    similarity: str = "lncc",
-    quality: str = "balanced",
     progress: Progress | None = None,
 ) -> Result:
-    """Register ``moving`` to ``fixed`` (paths or SimpleITK images) with a bundled model.
+    """Register ``moving`` to ``fixed`` (paths or SimpleITK images, 2-D or 3-D).
 
-    ``model`` is ``auto`` (by dimension), a preset name or a weights path; ``refine_steps`` adds
-    instance optimisation (``None``: the number the model card recommends, 0 if it names none);
-    masks (on their image's grid) restrict what the network and the
-    similarity see; ``inverse`` also computes the moving -> fixed transform by running the
-    network with swapped inputs; ``field_grid`` is ``network`` (the model's resolution over the
-    fixed extent, default) or ``fixed`` (the fixed image's own grid). ``progress(stage,
-    fraction, message)`` is called as work proceeds. Raises ``InputError`` for bad input.
+    Args:
+        model: ``auto`` (the bundled model for the dimension), a preset name or a ``.pt`` path.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        initial: ``none``, or a ``translation``/``rigid``/``affine`` alignment in physical space
+            before the network (``affine.align``), used as one of the refinement's starts.
+        similarity: ``lncc``, ``mind``, ``nmi`` or ``mse`` (``similarity.SIMILARITIES``): the
+            measure of the guarded start and the refinement (``mind``/``nmi`` across
+            modalities).
+        quality: ``fast``, ``balanced`` or ``best`` (``refine.QUALITY``): the pyramid's finest
+            voxel budget, levels and steps.
+        refine_steps: steps per pyramid level (``None``: the quality preset's); 0 keeps the best
+            start (identity, alignment or network) without refinement.
+        fixed_mask, moving_mask: 0/non-0 images on their image's grid; only voxels inside count.
+        inverse: also compute the moving → fixed transform (the pipeline with swapped inputs).
+        field_grid: grid of ``Result.displacement`` and the transform's field: ``auto`` (the
+            finest refinement level; the model's grid over the fixed extent without
+            refinement), ``network`` or ``fixed`` (the fixed image's own grid).
+        progress: ``progress(stage, fraction, message)`` called as work proceeds.
 
-    ``initial`` (``translation``, ``rigid`` or ``affine``) first aligns the images in physical
-    space (``affine.align``); the network then registers the fixed image to the moving image
-    resampled through that alignment, and the result is their composition.
+    Returns:
+        ``Result``: transform (fixed → moving LPS mm), displacement field (LPS mm vectors on a
+        grid with the fixed image's direction over its extent), warped moving image on the fixed
+        grid (padded with the moving image's background), report, optional inverse.
+
+    Raises:
+        InputError: unreadable, empty, constant or non-finite images, masks off their grid,
+            images of different dimension, invalid options or model.
+        RegistrationFailure: CUDA ran out of memory and the CPU fallback failed too.
     """
-    if initial not in ("none", *affine.MODES):
-        raise InputError(f"--initial {initial}: must be none, {', '.join(affine.MODES)}")
-    if refine_steps is not None and refine_steps < 0:
-        raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
-    if field_grid not in ("auto", "network", "fixed"):
-        raise InputError(f"--field-grid {field_grid}: must be auto, network or fixed")
-    if field_grid == "auto":
-        field_grid = "network"
-    notices: list[str] = []
+    _check_options(initial, similarity, quality, refine_steps, field_grid)
+    steps = QUALITY[quality].steps if refine_steps is None else refine_steps
+    options = _Options(initial, get_similarity(similarity), quality, steps, field_grid, inverse)
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
-    stage_list += (["refine"] if refine_steps != 0 else []) + ["field", "warp"]
-    stage_list += ["inverse"] if inverse else []
-    stages = _Stages(progress, stage_list)
-    stages.enter("load", "reading images and model")
+    stage_list += (["refine"] if steps else []) + ["field", "warp"] + (["inverse"] * inverse)
+    stages = Stages(progress, stage_list)
+    notices: list[str] = []
+    warnings: list[str] = []
 
+    stages.enter("load", "reading images and model")
     torch_device = resolve_device(device)
     fixed_image = _as_image(fixed, notices.append)
     moving_image = _as_image(moving, notices.append)
@@ -335,16 +269,10 @@ def register(
     moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
     card = read_card(model, fixed_image.GetDimension())
     network = load_network(card)
-    if refine_steps is None:
-        refine_steps = int(card.data.get("refine_steps", 0))
-        if refine_steps == 0:
-            stages.skip("refine")
     if not card.trained:
-        notices.append(
-            f"model {card.name} is UNTRAINED (random weights): results are not meaningful"
-        )
+        notices.append(f"model {card.name} is UNTRAINED (random weights): its map is not used")
 
-    alignment, network_moving, network_moving_mask = None, moving_image, moving_mask_image
+    alignment, net_moving, net_moving_mask = None, moving_image, moving_mask_image
     if initial != "none":
         stages.enter("affine", f"{initial} alignment")
         alignment = affine.align(
@@ -356,66 +284,91 @@ def register(
             device=torch_device,
             progress=lambda fraction, message: stages.update("affine", fraction, message),
         )
-        network_moving, network_moving_mask = alignment.resample(
+        net_moving, net_moving_mask = alignment.resample(
             moving_image, moving_mask_image, fixed_image
         )
 
-    displacement, quality, warnings = _one_direction(
-        network,
-        card,
-        fixed_image,
-        network_moving,
-        fixed_mask_image,
-        network_moving_mask,
-        torch_device,
-        refine_steps,
-        field_grid,
-        stages,
-        ("network", "refine", "field"),
-        unaligned=moving_image if alignment is not None else None,
+    stages.enter("network", f"running {card.name} on {torch_device}")
+    skip = unsuitable(card, {"fixed image": fixed_image, "moving image": net_moving})
+    if skip or not card.trained:
+        warnings += [skip] if skip else []
+        network = None
+    forward = _Direction(fixed_image, moving_image, fixed_mask_image, moving_mask_image, {})
+    forward.starts["identity"] = lambda points: points
+    backward = _Direction(moving_image, fixed_image, moving_mask_image, fixed_mask_image, {})
+    backward.starts["identity"] = lambda points: points
+    if alignment is not None:
+        forward.starts["affine"] = alignment.apply
+        backward.starts["affine"] = _inverse_affine(alignment)
+    compute = torch_device
+    if network is not None:
+        net = capture(
+            network,
+            card,
+            fixed_image,
+            net_moving,
+            fixed_mask_image,
+            net_moving_mask,
+            torch_device,
+            warnings,
+        )
+        compute = net.device
+        pre = alignment.apply if alignment is not None else (lambda points: points)
+        forward.starts["network"] = lambda points: pre(net.map(points))
+        if inverse:
+            back = capture(
+                network,
+                card,
+                net_moving,
+                fixed_image,
+                net_moving_mask,
+                fixed_mask_image,
+                compute,
+                warnings,
+            )
+            undo = backward.starts.get("affine", lambda points: points)
+            backward.starts["network"] = lambda points: back.map(undo(points))
+
+    if steps:
+        stages.enter("refine", f"refinement ({options.similarity.name}, {quality})")
+    displacement, refined, quality_report = _solve(
+        forward,
+        options,
+        _output_grid(field_grid, fixed_image, card),
+        compute,
+        lambda fraction, message: stages.update("refine", fraction, message) if steps else None,
     )
-    transform = _field_transform(displacement)
-    if alignment is not None:  # x ↦ T(x + u(x)): CompositeTransform applies the last added first
-        transform = sitk.CompositeTransform([alignment.transform(), transform])
-        displacement = alignment.compose_displacement(displacement)
+    warnings += refined.warnings
+    stages.enter("field", "writing the displacement field")
+    linear = alignment.transform() if alignment is not None else None
+    transform = _with_linear(displacement, linear, backward.starts.get("affine"))
+    quality_report["folding_fraction"] = _folding(displacement, warnings)
 
     stages.enter("warp", "resampling the moving image")
-    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, 0.0)
+    fill = background_value(sitk.GetArrayViewFromImage(moving_image))
+    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, fill)
 
     inverse_transform = None
     if inverse:
         stages.enter("inverse", "registering with swapped inputs for the inverse")
-        inverse_stages = _Stages(None, ["network", "refine", "field"])
-        inverse_field, _, inverse_warnings = _one_direction(
-            network,
-            card,
-            network_moving,
-            fixed_image,
-            network_moving_mask,
-            fixed_mask_image,
-            torch_device,
-            refine_steps,
-            field_grid,
-            inverse_stages,
-            ("network", "refine", "field"),
+        inverse_field, inverse_refined, _ = _solve(
+            backward, options, _output_grid(field_grid, moving_image, card), compute
         )
-        warnings += inverse_warnings
-        inverse_transform = _field_transform(inverse_field)
-        if alignment is not None:  # y ↦ v(T⁻¹ y): the alignment's inverse is applied first
-            inverse_transform = sitk.CompositeTransform(
-                [inverse_transform, alignment.transform().GetInverse()]
-            )
+        warnings += inverse_refined.warnings
+        inverse_linear = linear.GetInverse() if linear is not None else None
+        inverse_transform = _with_linear(
+            inverse_field, inverse_linear, forward.starts.get("affine")
+        )
 
-    timings = stages.finish()
     report = {
-        "equireg_version": __version__,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "SimpleITK": sitk.Version_VersionString(),
-            "numpy": np.__version__,
+        "equireg_version": versions()["equireg"],
+        "versions": versions(),
+        "model": {
+            "name": card.name,
+            "trained": card.trained,
+            "sha256": card.data.get("sha256"),
+            "used": "network" in forward.starts,
         },
-        "model": {"name": card.name, "trained": card.trained, "sha256": card.data.get("sha256")},
         "inputs": {
             "fixed": str(fixed) if not isinstance(fixed, sitk.Image) else "<image>",
             "moving": str(moving) if not isinstance(moving, sitk.Image) else "<image>",
@@ -424,16 +377,20 @@ def register(
         },
         "options": {
             "initial": initial,
-            "refine_steps": refine_steps,
+            "similarity": options.similarity.name,
+            "quality": quality,
+            "refine_steps": steps,
             "field_grid": field_grid,
             "inverse": inverse,
             "fixed_mask": fixed_mask is not None,
             "moving_mask": moving_mask is not None,
         },
-        **quality,
+        "device": str(compute),
+        **quality_report,
+        "refinement": refined.report,
         **({"affine": alignment.report()} if alignment is not None else {}),
-        "timings_s": timings,
-        "peak_memory": _peak_memory(torch.device(quality["device"])),
+        "timings_s": stages.finish(),
+        "peak_memory": peak_memory(compute),
         "warnings": notices + warnings,
     }
     if progress is not None:

@@ -24,7 +24,7 @@ from .maps import Map, evaluate, identity_grid, sample
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-def _box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """Mean over the box around each voxel, the box cropped to the image at the border.
 
     One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``); excluding the
@@ -43,15 +43,14 @@ def _box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def lncc(
+def local_correlation(
     a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 5, eps: float = 1e-5
 ) -> torch.Tensor:
-    """``1 − mean local normalised cross-correlation`` of ``a`` and ``b`` ``(B, C, *S)``.
+    """Local normalised cross-correlation of ``a`` and ``b`` ``(B, C, *S)`` per voxel, same shape.
 
-    0 for ``b = s·a + t`` (any ``s > 0``), about 1 for unrelated images, up to 2 for inverted
-    contrast. The correlation is taken over a box of odd ``window`` voxels (one size or one per
-    axis) around each voxel; ``eps`` is added to each local variance, so windows where either
-    image is flat count as uncorrelated instead of dividing by zero.
+    The correlation is taken over a box of odd ``window`` voxels (one size or one per axis)
+    around each voxel, the box cropped at the border; ``eps`` is added to each local variance,
+    so windows where either image is flat count as uncorrelated instead of dividing by zero.
     """
     dims = a.dim() - 2
     sizes = (window,) * dims if isinstance(window, int) else tuple(window)
@@ -62,12 +61,23 @@ def lncc(
     a = a - a.mean(dim=spatial, keepdim=True)
     b = b - b.mean(dim=spatial, keepdim=True)
     channels = a.shape[1]
-    moments = _box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), sizes)
+    moments = box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), sizes)
     mean_a, mean_b, mean_aa, mean_bb, mean_ab = moments.split(channels, dim=1)
     var_a = (mean_aa - mean_a * mean_a).clamp(min=0) + eps
     var_b = (mean_bb - mean_b * mean_b).clamp(min=0) + eps
     covariance = mean_ab - mean_a * mean_b
-    return 1 - (covariance / torch.sqrt(var_a * var_b)).mean()
+    return covariance / torch.sqrt(var_a * var_b)
+
+
+def lncc(
+    a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 5, eps: float = 1e-5
+) -> torch.Tensor:
+    """``1 − mean local normalised cross-correlation`` of ``a`` and ``b`` ``(B, C, *S)``.
+
+    0 for ``b = s·a + t`` (any ``s > 0``), about 1 for unrelated images, up to 2 for inverted
+    contrast (``local_correlation`` gives the window and ``eps``).
+    """
+    return 1 - local_correlation(a, b, window, eps).mean()
 
 
 def lncc_pyramid(
@@ -165,7 +175,7 @@ def registration_loss(
     moving: torch.Tensor,
     fixed: torch.Tensor,
     *,
-    similarity: Literal["lncc", "lncc_pyramid", "mse"] = "lncc",
+    similarity: Literal["lncc", "lncc_pyramid", "mse", "mind", "nmi"] = "lncc",
     regulariser: Literal["diffusion", "gradicon"] = "diffusion",
     weight: float = 1.0,
     window: int | Sequence[int] = 5,
@@ -181,10 +191,14 @@ def registration_loss(
     ``map_error`` term of the moving → fixed direction. Returns the differentiable total and its
     parts as floats (``similarity``, ``regulariser``, ``map_error`` when used, ``total``).
     """
+    from .similarity import SIMILARITIES  # the shared registry (it imports this module)
+
     measures = {
         "lncc": lambda a, b: lncc(a, b, window),
         "mse": mse,
         "lncc_pyramid": lambda a, b: lncc_pyramid(a, b, window),
+        "mind": SIMILARITIES["mind"].loss,
+        "nmi": SIMILARITIES["nmi"].loss,
     }
     if similarity not in measures:
         raise ValueError(f"unknown similarity {similarity!r}; expected one of {sorted(measures)}")

@@ -54,3 +54,53 @@ def network_mask(mask: sitk.Image, shape: tuple[int, ...]) -> torch.Tensor:
     grid = Grid.of(mask).resized(shape)
     inside = sitk.GetArrayFromImage(resample_to_grid(mask, grid, sitk.sitkNearestNeighbor))
     return torch.from_numpy((inside > 0).astype(np.float32))[None, None]
+
+
+_PERCENTILE_SAMPLES = 1 << 20  # voxels a percentile is taken over (evenly strided), for speed
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    flat = np.asarray(values).reshape(-1)
+    stride = max(1, flat.size // _PERCENTILE_SAMPLES)
+    return flat[::stride]
+
+
+def background_value(values: np.ndarray) -> float:
+    """The image's background intensity (its 0.5th percentile): what padding takes, so that
+    padding looks like the outside of the image (−1024 HU for CT, not 0 HU)."""
+    return float(np.percentile(_sample(values), 0.5))
+
+
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """The 1st and 99th percentile of the foreground: the voxels brighter than the background
+    by more than 1 % of the image's range (all voxels when that leaves too few)."""
+    sample = _sample(values)
+    low, high = np.percentile(sample, [0.5, 99.9])
+    foreground = sample[sample > low + 0.01 * (high - low)]
+    if foreground.size < 0.01 * sample.size:
+        foreground = sample
+    lower, upper = np.percentile(foreground, [1, 99])
+    if upper <= lower:
+        lower, upper = float(sample.min()), float(sample.max())
+    return float(lower), float(upper)
+
+
+def robust_normalise(values: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """``values`` mapped linearly so that ``bounds`` (``robust_range``) become 0 and 1, clipped
+    to [−0.5, 1.5]: any modality lands on one scale, outliers (metal, hot spots) are tamed."""
+    low, high = bounds
+    scale = max(high - low, 1e-6)
+    return np.clip((values - low) / scale, -0.5, 1.5).astype(np.float32)
+
+
+def window_coverage(values: np.ndarray, spec: dict[str, Any]) -> float:
+    """Fraction of voxels strictly inside a ``window`` preprocessing's range (1 for others).
+
+    A CT window on an image that is not CT in HU (MR, a CT stored without its rescale
+    intercept, a label map) leaves almost every voxel clipped: the network would see a
+    constant image."""
+    if spec["kind"] != "window":
+        return 1.0
+    sample = _sample(values)
+    inside = (sample > float(spec["low"])) & (sample < float(spec["high"]))
+    return float(inside.mean())

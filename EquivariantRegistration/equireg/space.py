@@ -13,6 +13,7 @@ network coordinates; that is how the network runs at its own resolution.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -130,26 +131,95 @@ def resample_to_grid(
     )
 
 
+def network_map_points(
+    phi: Map,
+    fixed: Grid,
+    moving: Grid,
+    points: np.ndarray,
+    like: torch.Tensor,
+    chunk: int = 1 << 20,
+) -> np.ndarray:
+    """``T(p)`` for ``(..., d)`` fixed LPS mm points: the network map ``phi`` (fixed network
+    coordinates -> moving network coordinates of the grids ``fixed`` and ``moving``) in
+    physical terms. Returns the moving LPS mm points, float64, same shape. Evaluated in chunks
+    of ``chunk`` points (tensors like ``like``) so that a full-resolution CT grid fits."""
+    flat = np.asarray(points, dtype=np.float64).reshape(-1, fixed.dim)
+    moved = np.empty_like(flat)
+    for start in range(0, len(flat), chunk):
+        block = flat[start : start + chunk]
+        coords = torch.as_tensor(
+            np.ascontiguousarray(fixed.physical_to_network(block)),
+            dtype=like.dtype,
+            device=like.device,
+        )
+        coords = coords.T.reshape(1, fixed.dim, len(block), *([1] * (fixed.dim - 1)))
+        with torch.no_grad():
+            mapped = phi(coords).reshape(fixed.dim, len(block)).T.double().cpu().numpy()
+        moved[start : start + chunk] = moving.network_to_physical(mapped)
+    return moved.reshape(np.shape(points))
+
+
 def physical_displacement(
     phi: Map, fixed: Grid, moving: Grid, output: Grid, like: torch.Tensor, chunk: int = 1 << 20
 ) -> np.ndarray:
     """The displacement ``u(x) = T(x) - x`` in LPS mm on ``output``'s voxel centres.
 
     ``T`` maps fixed physical points to moving physical points through the network map ``phi``
-    (fixed network coordinates -> moving network coordinates). Returns ``(*output.shape, d)``
-    float64. Evaluated in chunks of ``chunk`` points so that a full-resolution CT grid fits.
+    (``network_map_points``). Returns ``(*output.shape, d)`` float64.
     """
-    points = output.physical_points().reshape(-1, output.dim)
-    moved = np.empty_like(points)
-    for start in range(0, len(points), chunk):
-        block = points[start : start + chunk]
-        coords = torch.as_tensor(
-            np.ascontiguousarray(fixed.physical_to_network(block)),
-            dtype=like.dtype,
-            device=like.device,
+    points = output.physical_points()
+    return network_map_points(phi, fixed, moving, points, like, chunk) - points
+
+
+def physical_bounds(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest LPS mm corner of ``grid``'s edge-to-edge extent (axis-aligned box)."""
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in grid.size])))
+    points = grid.index_to_physical(corners)
+    return points.min(axis=0), points.max(axis=0)
+
+
+def network_frames(fixed: Grid, moving: Grid, shape: Sequence[int]) -> tuple[Grid, Grid]:
+    """The grids on which the network sees the fixed and the moving image: one physical frame.
+
+    Both have ``shape`` voxels (tensor-axis order), the LPS axes as directions (identity
+    cosines) and one isotropic voxel size, the smallest that lets either grid hold its image's
+    whole axis-aligned box; each is centred on its own image's box. Axis order, flips,
+    obliquity, anisotropy and the field of view of the stored images then no longer look like
+    reflections or zooms to the network, and a physical shift of either image is a shift of
+    its grid's content in whole millimetres (the [W, U] translation equivariance of the
+    network, in mm). Content that does not fill a grid is padded (``resample_isotropic``).
+    """
+    size = np.asarray(list(reversed(tuple(shape))), dtype=np.float64)
+    boxes = [physical_bounds(grid) for grid in (fixed, moving)]
+    spacing = max(float(np.max((high - low) / size)) for low, high in boxes)
+    frames = []
+    for low, high in boxes:
+        centre = (low + high) / 2
+        origin = centre - spacing * (size - 1) / 2
+        frames.append(
+            Grid(
+                tuple(int(n) for n in size),
+                (spacing,) * len(size),
+                tuple(float(v) for v in origin),
+                tuple(float(v) for v in np.eye(len(size)).flatten()),
+            )
         )
-        coords = coords.T.reshape(1, output.dim, len(block), *([1] * (output.dim - 1)))
-        with torch.no_grad():
-            mapped = phi(coords).reshape(output.dim, len(block)).T.double().cpu().numpy()
-        moved[start : start + chunk] = moving.network_to_physical(mapped)
-    return (moved - points).reshape(*output.shape, output.dim)
+    return frames[0], frames[1]
+
+
+def resample_isotropic(
+    image: sitk.Image, grid: Grid, fill: float, interpolator: int = sitk.sitkLinear
+) -> sitk.Image:
+    """Resample ``image`` onto ``grid`` (isotropic voxels of ``grid.spacing[0]`` mm, any
+    direction), padding with ``fill`` (the image's background) and smoothing first along each
+    axis whose voxels are finer than the grid's (Gaussian sigma = half the increase)."""
+    target = float(max(grid.spacing))
+    source = np.asarray(image.GetSpacing(), dtype=np.float64)
+    if interpolator != sitk.sitkNearestNeighbor:
+        sigma = 0.5 * np.sqrt(np.clip(target**2 - source**2, 0, None))
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        for axis in np.flatnonzero(sigma > 0):
+            image = sitk.RecursiveGaussian(image, float(sigma[axis]), direction=int(axis))
+    return sitk.Resample(
+        image, grid.reference_image(), sitk.Transform(), interpolator, float(fill), sitk.sitkFloat32
+    )

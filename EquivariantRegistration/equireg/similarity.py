@@ -1,0 +1,173 @@
+"""Image similarity measures, registered once: refinement, the guarded start, training and the
+reports of ``register`` and ``equireg evaluate`` use the same names and the same code.
+
+Every measure is a *similarity* (higher is better) of a warped moving image ``a`` and a fixed
+image ``b``, both ``(B, C, *S)`` tensors on one grid, optionally weighted by ``weight``
+``(B, 1, *S)`` in [0, 1] (the voxels that count: a fixed mask times the part of the fixed grid
+that the moving image covers). ``lncc``, ``mind`` and ``nmi`` are 1 for identical images;
+``mse`` is the negated mean squared difference (0 for identical images). Losses are the
+negated values, so they are differentiable wherever the images are.
+
+Intensities are expected roughly in [0, 1] (``preprocess.robust_normalise``): NMI bins them
+there, MIND is scale-free, LNCC is invariant to affine intensity changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+import torch.nn.functional as F
+
+from .losses import box_mean, local_correlation
+
+Tensor = torch.Tensor
+
+
+def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return values.mean()
+    weight = weight.expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def lncc_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None, window: int = 5) -> Tensor:
+    """Mean local normalised cross-correlation over boxes of ``window`` voxels (1 = identical
+    up to local affine intensity changes). Avants et al., "Symmetric diffeomorphic image
+    registration with cross-correlation", Medical Image Analysis 12(1), 2008."""
+    return _weighted_mean(local_correlation(a, b, window), weight)
+
+
+def mse_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Negated mean squared intensity difference (same modality, same intensity scale)."""
+    return -_weighted_mean((a - b).pow(2), weight)
+
+
+def _shifted(image: Tensor, offset: tuple[int, ...]) -> Tensor:
+    """``image`` read at ``x + offset`` (voxels, tensor-axis order), border values replicated."""
+    dims = image.dim() - 2
+    radius = max(abs(o) for o in offset)
+    padded = F.pad(image, [radius] * (2 * dims), mode="replicate")
+    index = [slice(None), slice(None)]
+    for axis, step in enumerate(offset):
+        size = image.shape[2 + axis]
+        index.append(slice(radius + step, radius + step + size))
+    return padded[tuple(index)]
+
+
+def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
+    """MIND-SSC descriptors ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)``.
+
+    The self-similarity context of Heinrich et al., "Towards realtime multimodal fusion for
+    image-guided interventions using self-similarities", MICCAI 2013: for every pair of
+    neighbours ``(n_i, n_j)`` of the six-neighbourhood (four in 2-D) at distance √2·dilation,
+    the patch distance ``D = box((I(x+n_i) − I(x+n_j))²)`` over a ``2·radius+1`` box, turned into
+    ``exp(−D / V)`` with ``V`` the mean of the ``K`` distances (12 in 3-D, 4 in 2-D) and
+    normalised by its maximum. Contrast-invariant: a monotone remapping of intensities changes
+    the descriptors little, which is what makes it work across modalities.
+    """
+    dims = image.dim() - 2
+    neighbours = []
+    for axis in range(dims):
+        for sign in (-1, 1):
+            offset = [0] * dims
+            offset[axis] = sign * dilation
+            neighbours.append(tuple(offset))
+    pairs = [
+        (p, q)
+        for p, q in combinations(neighbours, 2)
+        if sum((u - v) ** 2 for u, v in zip(p, q, strict=True)) == 2 * dilation**2
+    ]
+    window = (2 * radius + 1,) * dims
+    shifted = {offset: _shifted(image, offset) for offset in neighbours}
+    distances = torch.cat(
+        [box_mean((shifted[p] - shifted[q]).pow(2), window) for p, q in pairs], dim=1
+    )
+    variance = distances.mean(dim=1, keepdim=True)
+    mean_variance = variance.mean()
+    variance = variance.clamp(min=1e-3 * mean_variance + 1e-8, max=1e3 * mean_variance + 1e-8)
+    descriptors = torch.exp(-distances / variance)
+    return descriptors / descriptors.amax(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``1 − mean squared difference of MIND-SSC descriptors`` (``mind_ssc``), for pairs of
+    different modalities (T1/T2, CT/MR)."""
+    difference = (mind_ssc(a) - mind_ssc(b)).pow(2).mean(dim=1, keepdim=True)
+    return 1 - _weighted_mean(difference, weight)
+
+
+NMI_BINS = 32
+NMI_SAMPLES = 1 << 16  # voxels entering the joint histogram (evenly strided), for speed
+
+
+def nmi_similarity(
+    a: Tensor, b: Tensor, weight: Tensor | None = None, bins: int = NMI_BINS
+) -> Tensor:
+    """Normalised mutual information ``(H(A) + H(B)) / H(A, B) − 1`` (1 = identical, 0 =
+    independent) from a Parzen-window joint histogram (Gaussian kernel, one bin wide) of
+    intensities clipped to [0, 1], over at most ``NMI_SAMPLES`` evenly strided voxels.
+
+    NMI: Studholme, Hill and Hawkes, "An overlap invariant entropy measure of 3D medical image
+    alignment", Pattern Recognition 32(1), 1999; differentiable Parzen histograms as in Mattes
+    et al., "PET-CT image registration in the chest using free-form deformations", IEEE TMI
+    22(1), 2003.
+    """
+    values_a, values_b = a.reshape(-1), b.reshape(-1)
+    w = torch.ones_like(values_a) if weight is None else weight.expand_as(a).reshape(-1)
+    if values_a.numel() > NMI_SAMPLES:
+        index = torch.linspace(0, values_a.numel() - 1, NMI_SAMPLES, device=a.device).long()
+        values_a, values_b, w = values_a[index], values_b[index], w[index]
+    centres = (torch.arange(bins, device=a.device, dtype=a.dtype) + 0.5) / bins
+    sigma = 1.0 / bins
+
+    def parzen(values: Tensor) -> Tensor:
+        distance = (values.clamp(0, 1)[:, None] - centres[None, :]) / sigma
+        kernel = torch.exp(-0.5 * distance.pow(2))
+        return kernel / kernel.sum(dim=1, keepdim=True)
+
+    joint = (parzen(values_a) * w[:, None]).T @ parzen(values_b)
+    joint = joint / joint.sum().clamp(min=1e-12)
+    eps = 1e-10
+
+    def entropy(p: Tensor) -> Tensor:
+        return -(p * torch.log(p + eps)).sum()
+
+    return (entropy(joint.sum(dim=1)) + entropy(joint.sum(dim=0))) / entropy(joint) - 1
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """A registered measure: ``value(a, b, weight)`` (higher is better) and its loss."""
+
+    name: str
+    value: Callable[..., Tensor]
+    description: str
+
+    def loss(self, a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
+        return -self.value(a, b, weight)
+
+    def score(self, a: Tensor, b: Tensor, weight: Tensor | None = None) -> float:
+        """The value as a rounded float, without gradients (for reports)."""
+        with torch.no_grad():
+            return round(float(self.value(a, b, weight)), 5)
+
+
+SIMILARITIES: dict[str, Similarity] = {
+    s.name: s
+    for s in (
+        Similarity("lncc", lncc_similarity, "local normalised cross-correlation (one modality)"),
+        Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)"),
+        Similarity("nmi", nmi_similarity, "normalised mutual information (multimodal)"),
+        Similarity("mse", mse_similarity, "negated mean squared difference (same intensities)"),
+    )
+}
+
+
+def get(name: str) -> Similarity:
+    """The registered similarity ``name``; ``KeyError`` names the valid ones."""
+    if name not in SIMILARITIES:
+        raise KeyError(f"unknown similarity {name!r}; one of {', '.join(SIMILARITIES)}")
+    return SIMILARITIES[name]
