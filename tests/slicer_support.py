@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import vtk
 from scipy.ndimage import map_coordinates
@@ -105,3 +106,22 @@ def blobs_at(points: np.ndarray, centre: np.ndarray, width: float = 5.0) -> np.n
     return sum(
         100 * np.exp(-np.sum((points - c) ** 2, axis=1) / (2 * width**2)) for c in centres
     ).astype(np.float32)
+
+
+def transform_dimensions(path) -> list[int]:
+    """The dimension of each transform in an ITK transform file (a composite's in order)."""
+    transform = sitk.ReadTransform(str(path))
+    if transform.GetName() != "CompositeTransform":
+        return [transform.GetDimension()]
+    composite = sitk.CompositeTransform(transform)
+    return [
+        composite.GetNthTransform(i).GetDimension()
+        for i in range(composite.GetNumberOfTransforms())
+    ]
+
+
+def assert_readable_by_slicer_5_10(path) -> None:
+    """Slicer 5.10 (the minimum version) reads only 3-D ITK transforms; PyPI slicer-core 5.13
+    also converts 2-D ones, so reading the file with it proves nothing for 5.10."""
+    dimensions = transform_dimensions(path)
+    assert dimensions and set(dimensions) == {3}, f"{path}: transforms of dimension {dimensions}"

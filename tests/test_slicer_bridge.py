@@ -3,9 +3,13 @@ the RAS/LPS and transform-direction conventions with a translation whose truth w
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ import vtk
 from slicer_support import (
     LPS_TO_RAS,
     MODULE_DIR,
+    assert_readable_by_slicer_5_10,
     blobs_at,
     engine,
     ijk_to_ras,
@@ -31,6 +36,8 @@ from slicer_support import (
 
 from equireg.cli import build_parser
 from equireg.io import read_image
+from equireg.options import RUN_OPTIONS
+from equireg.outputs import OUTPUT_FILES
 
 SHIFT_LPS = np.array([3.2, -2.1, 1.7])  # the known translation: fixed point x ↦ moving x + t
 
@@ -144,6 +151,31 @@ def test_command_is_accepted_by_the_engine_parser(tmp_path: Path) -> None:
     assert (args.fixed_mask, args.moving_mask) == (str(inputs.fixed_mask), str(inputs.moving_mask))
     assert (args.model, args.device, args.refine_steps) == ("retina2d", "cpu", 25)
     assert (args.initial, args.progress, args.output_dir) == ("none", "json", str(tmp_path / "out"))
+
+
+def test_every_run_option_reaches_the_engine_parser(tmp_path: Path) -> None:
+    """``Options`` and ``build_command`` come from ``equireg.options.RUN_OPTIONS``: each option,
+    set to a value other than its default, arrives in the engine's parsed arguments."""
+    inputs = engine.EngineInputs(tmp_path / "f.nrrd", tmp_path / "m.nrrd")
+    assert [f.name for f in dataclasses.fields(engine.Options)] == [o.name for o in RUN_OPTIONS]
+    assert engine.Options() == engine.Options(**{o.name: o.default for o in RUN_OPTIONS})
+    chosen = {}
+    for option in RUN_OPTIONS:
+        if option.flag_only:
+            chosen[option.name] = True
+        elif option.choices:
+            chosen[option.name] = next(c for c in option.choices if c != option.default)
+        else:
+            chosen[option.name] = {"model": "retina2d", "device": "cpu"}.get(option.name, 7)
+    command = engine.build_command("py", inputs, tmp_path, engine.Options(**chosen))
+    args = build_parser().parse_args(command[3:])
+    assert {name: getattr(args, name) for name in chosen} == chosen
+    defaults = build_parser().parse_args(
+        engine.build_command("py", inputs, tmp_path, engine.Options())[3:]
+    )
+    assert {o.name: getattr(defaults, o.name) for o in RUN_OPTIONS} == {
+        o.name: o.default for o in RUN_OPTIONS
+    }
 
 
 def test_model_default_refinement_leaves_the_option_to_the_engine(tmp_path: Path) -> None:
@@ -278,18 +310,162 @@ def test_import_fills_nodes_with_fixed_geometry_and_references(scene, shifted_pa
     fixed, moving, fixed_image, moving_image = shifted_pair
     transform = shift_transform("field", SHIFT_LPS, fixed_image)
     folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
-    target = scene.AddNewNodeByClass("vtkMRMLTransformNode", "chosen by the user")
+    target = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "chosen by the user")
     outputs = mrml_bridge.import_results(folder, fixed, moving, transform=target)
     assert outputs.transform is target and outputs.report["model"]["name"] == "known shift"
     grid = target.GetTransformFromParent()  # interpolated like ITK does, not cubically
     assert grid.GetInterpolationMode() == vtk.VTK_LINEAR_INTERPOLATION
-    assert target.GetNodeReference("fixedVolume") is fixed
-    assert target.GetNodeReference("movingVolume") is moving
+    assert target.GetNodeReference("spatialRegistrationFixed") is fixed  # Slicer's roles
+    assert target.GetNodeReference("spatialRegistrationMoving") is moving
     np.testing.assert_allclose(node_matrix(outputs.warped), node_matrix(fixed), atol=1e-9)
     field = node_array(outputs.displacement)
     assert field.shape == node_array(fixed).shape + (3,)
-    np.testing.assert_allclose(field.reshape(-1, 3), np.tile(SHIFT_LPS, (field.size // 3, 1)))
+    shift_ras = LPS_TO_RAS @ SHIFT_LPS  # RAS vectors, as Slicer's "Convert" makes them
+    np.testing.assert_allclose(field.reshape(-1, 3), np.tile(shift_ras, (field.size // 3, 1)))
+    spatial = slicer.vtkMRMLVolumeNode.VoxelVectorTypeSpatial
+    assert outputs.displacement.GetVoxelVectorType() == spatial
     assert outputs.warped.GetDisplayNode() is not None
+    assert outputs.inverse_transform is None
+
+
+def test_new_transform_node_is_a_grid_transform(scene, shifted_pair, tmp_path: Path) -> None:
+    """As Slicer's transform reader makes for a displacement-field file."""
+    fixed, moving, fixed_image, moving_image = shifted_pair
+    transform = shift_transform("field", SHIFT_LPS, fixed_image)
+    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    assert outputs.transform.GetClassName() == "vtkMRMLGridTransformNode"
+    logic = slicer.vtkSlicerTransformLogic()
+    logic.SetMRMLScene(scene)
+    loaded = logic.AddTransform(str(folder / "transform.h5"), scene)
+    assert loaded.GetClassName() == "vtkMRMLGridTransformNode"
+
+
+def affine_transform(reference: sitk.Image) -> sitk.Transform:
+    """A non-trivial fixed → moving transform: a rotation and shear about the fixed centre,
+    then a smooth field."""
+    centre = reference.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in reference.GetSize()]
+    )
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(centre)
+    affine.SetMatrix((0.97, -0.12, 0.05, 0.15, 0.98, -0.04, 0.02, 0.06, 1.03))
+    affine.SetTranslation((1.5, -2.0, 0.8))
+    return sitk.CompositeTransform([affine, shift_transform("field", SHIFT_LPS / 3, reference)])
+
+
+@pytest.mark.parametrize("kind", ["field", "affine"])
+def test_displacement_volume_agrees_with_the_transform_node_in_ras(
+    kind: str, scene, shifted_pair, tmp_path: Path
+) -> None:
+    """At every voxel centre x of the displacement volume (RAS), its vector is T(x) − x for the
+    transform node T beside it: the two outputs say the same thing in Slicer's frame."""
+    fixed, moving, fixed_image, moving_image = shifted_pair
+    if kind == "field":
+        transform = shift_transform("field", SHIFT_LPS, fixed_image)
+    else:
+        transform = affine_transform(fixed_image)
+    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    points = voxel_centres_ras(outputs.displacement)
+    vectors = node_array(outputs.displacement).reshape(-1, 3)
+    moved = transform_points(outputs.transform, points)
+    assert np.abs(vectors).max() > 1.0
+    np.testing.assert_allclose(vectors, moved - points, atol=1e-4)
+
+
+def test_displacement_volume_saves_back_as_the_lps_field(scene, shifted_pair, tmp_path) -> None:
+    """Slicer's writer turns the spatial RAS vectors into LPS with a measurement frame: saved
+    from Slicer, the node is the engine's ITK/ANTs field again."""
+    fixed, moving, fixed_image, moving_image = shifted_pair
+    folder = write_outputs(
+        tmp_path / "output", fixed_image, moving_image, affine_transform(fixed_image)
+    )
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(tmp_path / "saved.nrrd"))
+    assert storage.WriteData(outputs.displacement)
+    saved, original = (
+        sitk.ReadImage(str(path))
+        for path in (tmp_path / "saved.nrrd", folder / "displacement.nrrd")
+    )
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(saved), sitk.GetArrayFromImage(original), atol=1e-5
+    )
+    np.testing.assert_allclose(saved.GetOrigin(), original.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(saved.GetDirection(), original.GetDirection(), atol=1e-9)
+    assert "NRRD_measurement frame" in saved.GetMetaDataKeys()
+    reread = mrml_bridge._read_volume(tmp_path / "saved.nrrd", slicer.vtkMRMLVectorVolumeNode)
+    assert reread.GetVoxelVectorType() == slicer.vtkMRMLVolumeNode.VoxelVectorTypeSpatial
+    np.testing.assert_allclose(
+        node_array(reread), node_array(outputs.displacement), atol=1e-5
+    )  # Slicer reads its own file back as RAS
+
+
+def test_inverse_transform_is_imported_with_the_roles_swapped(scene, shifted_pair, tmp_path):
+    fixed, moving, fixed_image, moving_image = shifted_pair
+    transform = shift_transform("field", SHIFT_LPS, fixed_image)
+    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    inverse = shift_transform("field", -SHIFT_LPS, moving_image)
+    sitk.WriteTransform(inverse, str(folder / "inverse_transform.h5"))
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    node = outputs.inverse_transform
+    assert node is not None and node.GetClassName() == "vtkMRMLGridTransformNode"
+    assert node.GetNodeReference("spatialRegistrationFixed") is moving
+    assert node.GetNodeReference("spatialRegistrationMoving") is fixed
+    points = np.array([[0.0, 38.0, 12.0], [-8.0, 44.0, 20.0]])
+    errors = mrml_bridge.landmark_errors(node, points + SHIFT_LPS, points)
+    np.testing.assert_allclose(errors, 0.0, atol=1e-4)
+
+
+def test_linear_interpolation_survives_saving_and_reloading_the_scene(
+    scene, shifted_pair, tmp_path: Path
+) -> None:
+    """Slicer's transform reader sets cubic interpolation; the node's attribute tells the
+    module (which calls ``restore_linear_interpolation`` when a scene is loaded) to undo it."""
+    fixed, moving, fixed_image, moving_image = shifted_pair
+    folder = write_outputs(
+        tmp_path / "output", fixed_image, moving_image, affine_transform(fixed_image)
+    )
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    saved = tmp_path / "scene"
+    saved.mkdir()
+    for node in (outputs.transform, outputs.displacement, outputs.warped, fixed, moving):
+        node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        extension = ".h5" if node.IsA("vtkMRMLTransformNode") else ".nrrd"
+        storage.SetFileName(str(saved / f"{node.GetID()}{extension}"))
+        assert storage.WriteData(node)
+    scene.SetURL(str(saved / "scene.mrml"))
+    assert scene.Commit()
+
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(saved / "scene.mrml"))
+    assert reloaded.Connect()
+    transform = reloaded.GetNodeByID(outputs.transform.GetID())
+
+    def modes(node) -> set[int]:
+        transform = node.GetTransformFromParent()
+        parts = [transform]
+        if transform.IsA("vtkGeneralTransform"):
+            parts = [
+                transform.GetConcatenatedTransform(i)
+                for i in range(transform.GetNumberOfConcatenatedTransforms())
+            ]
+        return {part.GetInterpolationMode() for part in parts if part.IsA("vtkGridTransform")}
+
+    assert modes(transform) == {vtk.VTK_CUBIC_INTERPOLATION}  # what the reader does
+    assert mrml_bridge.restore_linear_interpolation(reloaded) == 1
+    assert modes(transform) == {vtk.VTK_LINEAR_INTERPOLATION}
+    assert transform.GetNodeReference("spatialRegistrationFixed").GetID() == fixed.GetID()
+    points = voxel_centres_ras(fixed)[::97]
+    np.testing.assert_allclose(
+        transform_points(transform, points), transform_points(outputs.transform, points), atol=1e-4
+    )
+
+
+def test_output_file_names_are_the_engines() -> None:
+    assert mrml_bridge.OUTPUT_FILES == OUTPUT_FILES
 
 
 def test_failed_import_leaves_the_scene_unchanged(scene, shifted_pair, tmp_path: Path) -> None:
@@ -297,40 +473,82 @@ def test_failed_import_leaves_the_scene_unchanged(scene, shifted_pair, tmp_path:
     transform = shift_transform("translation", SHIFT_LPS, fixed_image)
     folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
     (folder / "warped.nrrd").unlink()
-    target = scene.AddNewNodeByClass("vtkMRMLTransformNode", "existing")
+    target = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "existing")
     nodes, modified = scene.GetNumberOfNodes(), target.GetMTime()
     with pytest.raises(mrml_bridge.BridgeError, match="warped.nrrd"):
         mrml_bridge.import_results(folder, fixed, moving, transform=target)
     assert scene.GetNumberOfNodes() == nodes and target.GetMTime() == modified
 
 
-def test_2d_results_are_placed_on_the_fixed_slice(scene, tmp_path: Path) -> None:
-    """A 2-D pair (single slices at z = 6 mm, in-plane rotation, anisotropic spacing)."""
+def one_slice_pair(scene, tmp_path: Path):
+    """Single-slice fixed and moving volumes (at z = 6 mm, in-plane rotation, anisotropic
+    spacing) with ``moving(x + t) = fixed(x)``, exported as the module exports them."""
     matrix = ijk_to_ras((0.5, 0.8, 2.0), (3.0, -4.0, 6.0), rotation(0.35))
     fixed = volume_node(scene, np.zeros((40, 48), np.float32), matrix, "fixed 2d")
     moving = volume_node(scene, np.zeros((40, 48), np.float32), matrix, "moving 2d")
     lps = (voxel_centres_ras(fixed) @ LPS_TO_RAS)[:, :2]
-    shift, centre = SHIFT_LPS[:2], lps.mean(axis=0)
+    centre = lps.mean(axis=0)
     node_array(fixed)[...] = blobs_at(lps, centre).reshape(1, 40, 48)
-    node_array(moving)[...] = blobs_at(lps - shift, centre).reshape(1, 40, 48)
+    node_array(moving)[...] = blobs_at(lps - SHIFT_LPS[:2], centre).reshape(1, 40, 48)
     inputs = mrml_bridge.export_inputs(tmp_path / "inputs", fixed, moving)
-    fixed_image, moving_image = read_image(inputs.fixed), read_image(inputs.moving)
-    transform = shift_transform("field", shift, fixed_image)
-    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    return fixed, moving, inputs
 
-    outputs = mrml_bridge.import_results(folder, fixed, moving)
+
+def assert_one_slice_result(outputs, fixed, moving) -> None:
+    """The outputs of a one-slice pair lie on the fixed slice and carry the in-plane shift."""
     np.testing.assert_allclose(node_matrix(outputs.warped), node_matrix(fixed), atol=1e-9)
     assert node_matrix(outputs.displacement)[2, 3] == pytest.approx(6.0)
-    assert node_array(outputs.displacement).shape[-1] == 2  # the engine's 2-D LPS vectors
+    vectors = node_array(outputs.displacement).reshape(-1, 3)
+    np.testing.assert_allclose(
+        vectors, np.tile(LPS_TO_RAS @ [*SHIFT_LPS[:2], 0], (len(vectors), 1))
+    )
     points = np.array([[0.0, 1.0], [-3.0, 4.0]])
-    errors = mrml_bridge.landmark_errors(outputs.transform, points, points + shift, z=6.0)
+    errors = mrml_bridge.landmark_errors(outputs.transform, points, points + SHIFT_LPS[:2], z=6.0)
     np.testing.assert_allclose(errors, 0.0, atol=1e-4)
     centres = voxel_centres_ras(fixed)
     moved = sample(moving, transform_points(outputs.transform, centres))
     interior = (np.abs(moved) > 0) & (sample(fixed, centres) > 0)
+    assert interior.mean() > 0.5
     np.testing.assert_allclose(
         moved[interior], node_array(outputs.warped).ravel()[interior], atol=1e-3
     )
+
+
+def test_2d_engine_outputs_are_placed_on_the_fixed_slice_without_reading_the_2d_transform(
+    scene, tmp_path: Path
+) -> None:
+    """An engine that writes 2-D outputs for a one-slice input (2-D field with two LPS
+    components at z = 0, 2-D transform.h5): Slicer 5.10 cannot read that transform, so the
+    bridge builds the transform node from the field, placed on the fixed slice."""
+    fixed, moving, inputs = one_slice_pair(scene, tmp_path)
+    fixed_image, moving_image = read_image(inputs.fixed), read_image(inputs.moving)
+    assert fixed_image.GetDimension() == 2  # what the engine of today sees
+    transform = shift_transform("field", SHIFT_LPS[:2], fixed_image)
+    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    (folder / "transform.h5").write_bytes(b"not read")  # as 5.10 would fail to read it
+
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    assert_one_slice_result(outputs, fixed, moving)
+    assert outputs.transform.GetTransformFromParent().GetInterpolationMode() == 1  # linear
+
+
+def test_3d_one_slice_engine_outputs_are_imported_as_they_are(scene, tmp_path: Path) -> None:
+    """The engine's outputs for a 3-D one-slice input: a 3-D one-slice field on the fixed
+    slice's geometry, zero out-of-plane displacement, and a 3-D transform.h5 that Slicer 5.10
+    reads."""
+    fixed, moving, inputs = one_slice_pair(scene, tmp_path)
+    fixed_image, moving_image = (
+        sitk.ReadImage(str(inputs.fixed)),
+        sitk.ReadImage(str(inputs.moving)),
+    )
+    assert fixed_image.GetDimension() == 3 and fixed_image.GetSize()[2] == 1
+    transform = shift_transform("field", np.array([*SHIFT_LPS[:2], 0.0]), fixed_image)
+    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
+    assert_readable_by_slicer_5_10(folder / "transform.h5")
+
+    outputs = mrml_bridge.import_results(folder, fixed, moving)
+    assert_one_slice_result(outputs, fixed, moving)
+    np.testing.assert_allclose(node_matrix(outputs.displacement), node_matrix(fixed), atol=1e-9)
 
 
 def test_regression_case_lookup_prefers_installed_sample_data(tmp_path: Path) -> None:
@@ -379,3 +597,77 @@ def test_2d_landmarks_are_read_from_csv(tmp_path: Path) -> None:
     points = mrml_bridge.read_landmarks(tmp_path / "fixed_landmarks.csv")
     np.testing.assert_array_equal(points, [[1.5, -2.0], [3.25, 4.0]])
     np.testing.assert_array_equal(mrml_bridge.lps_to_ras(points, z=7.0)[0], [-1.5, 2.0, 7.0])
+
+
+# --- sample data, dependencies ---------------------------------------------------------------
+
+
+def test_sample_data_sources_fit_slicers_registration_function(tmp_path: Path) -> None:
+    """Each source is passed to ``SampleDataLogic.registerCustomSampleDataSource``, whose
+    signature in Slicer 5.8-5.12 (Modules/Scripted/SampleData/SampleData.py) the stub copies:
+    there is no ``sampleDescription``; ``sampleName`` is the button's text."""
+    registered = []
+
+    def registerCustomSampleDataSource(
+        category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+        customDownloader=None, thumbnailFileName=None,
+        loadFileTypes=None, loadFiles=None, loadFileProperties={},  # noqa: B006 - Slicer's
+        checksums=None,
+        loadFileType=None,
+    ):  # fmt: skip
+        registered.append((category, sampleName, uris, fileNames, nodeNames, checksums))
+
+    icon = MODULE_DIR / "Resources" / "Icons" / "EquivariantRegistration.png"
+    cases = {"retina/photo": "Retina photograph (2-D)", "lung/chest": "Chest CT (3-D)"}
+    for source in mrml_bridge.sample_data_sources(MODULE_DIR, cases, icon):
+        registerCustomSampleDataSource(**source)
+        assert Path(source["thumbnailFileName"]).is_file()
+    assert [entry[1] for entry in registered] == list(cases.values())
+    for _, _, uris, file_names, node_names, checksums in registered:
+        assert len(uris) == len(file_names) == len(node_names) == len(checksums) == 3
+        assert len(set(file_names)) == 3 and len(set(node_names)) == 3
+        for uri, checksum in zip(uris, checksums, strict=True):
+            data = Path(uri.removeprefix("file://")).read_bytes()
+            assert checksum == f"SHA256:{hashlib.sha256(data).hexdigest()}"
+    assert mrml_bridge.sample_data_sources(tmp_path, cases, icon) == []  # no cases installed
+
+
+@pytest.mark.parametrize(
+    ("version", "requirement", "met"),
+    [
+        ("2.5.1+cu121", "torch>=2.3", True),
+        ("2.3", "torch>=2.3.0", True),
+        ("2.2.2", "torch>=2.3", False),
+        ("1.13.1", "torch>=2.3", False),
+        ("2.10.0", "torch>=2.3", True),  # compared as numbers, not as text
+        ("3.0.0", "torch>=2.3,<3", False),
+        ("2.6.0rc1", "torch>=2.3,!=2.4.0", True),
+    ],
+)
+def test_version_requirements(version: str, requirement: str, met: bool) -> None:
+    assert engine.satisfies(version, requirement) is met
+
+
+def test_unmet_requirements_name_missing_and_outdated_packages() -> None:
+    installed = {"torch": "2.1.0", "tqdm": "4.66.1"}
+    requirements = {"torch": "torch>=2.3", "tqdm": "tqdm>=4.60", "other": "other>=1"}
+    unmet = engine.unmet_requirements(requirements, installed.get)
+    assert unmet == {"torch": "2.1.0", "other": None}
+    assert engine.unmet_requirements({"torch": engine.ENGINE_REQUIREMENTS["torch"]}) == {}
+
+
+def test_cuda_probe_answers_from_a_background_process() -> None:
+    """torch is imported by the probe's own process, never by the caller (Slicer's GUI); a
+    Python that cannot load torch counts as no GPU."""
+    import torch
+
+    def answer(probe: engine.CudaProbe) -> bool:
+        deadline = time.monotonic() + 120
+        while (result := probe.result()) is None:
+            assert time.monotonic() < deadline, "the probe did not finish"
+            time.sleep(0.05)
+        return result
+
+    assert answer(engine.CudaProbe(sys.executable)) is torch.cuda.is_available()
+    broken = {**os.environ, "PYTHONHOME": "/nowhere"}  # this Python cannot even start
+    assert answer(engine.CudaProbe(sys.executable, broken)) is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
 import sys
 from importlib.metadata import requires
 from pathlib import Path
@@ -24,7 +25,9 @@ CATALOG_KEYS = {
     "build_subdirectory", "enabled", "tier",
 }  # fmt: skip
 SLICER_BUNDLES = {"numpy", "SimpleITK"}  # Python packages every Slicer ships
-DEMO_ONLY = {"matplotlib"}  # imported inside `equireg demo` only, never by `register`
+# Imported only by terminal commands, never by `equireg register --progress json` (Slicer's
+# run): matplotlib by `equireg demo`, tqdm by `--progress bar` and `equireg train`.
+TERMINAL_ONLY = {"matplotlib", "tqdm"}
 
 
 def cmake_list(path: Path, variable: str) -> list[str]:
@@ -35,9 +38,26 @@ def cmake_list(path: Path, variable: str) -> list[str]:
 
 
 def cmake_value(variable: str) -> str:
-    match = re.search(rf'set\({variable}\s+"?([^")\n]*)"?\)', TOP_CMAKE.read_text())
-    assert match, f"{TOP_CMAKE}: set({variable} ...) not found"
-    return match[1].strip()
+    """The value of ``set(VARIABLE ...)`` in the top-level CMakeLists.txt, with the
+    ``${...}`` of variables set there (and of ``string(REPLACE ...)``) expanded."""
+    text = TOP_CMAKE.read_text()
+    match = re.search(rf'set\({variable}\s+"?([^")\n]*)"?\)', text)
+    if match is None:  # string(REPLACE "from" "to" VARIABLE "input")
+        replace = re.search(rf'string\(REPLACE "([^"]*)" "([^"]*)"\s+{variable} "([^"]*)"\)', text)
+        assert replace, f"{TOP_CMAKE}: set({variable} ...) not found"
+        return expand(replace[3]).replace(replace[1], replace[2])
+    return expand(match[1].strip())
+
+
+def expand(value: str) -> str:
+    """``${NAME}`` replaced by NAME's value where this file sets NAME (others are CMake's)."""
+    text = TOP_CMAKE.read_text()
+
+    def value_of(match: re.Match) -> str:
+        defined = re.search(rf"(set\(|REPLACE .*\s+){match[1]}\s", text)
+        return cmake_value(match[1]) if defined else match[0]
+
+    return re.sub(r"\$\{(\w+)\}", value_of, value)
 
 
 def module_files(pattern: str) -> set[str]:
@@ -102,6 +122,9 @@ def test_extension_metadata_and_catalog_entry_agree() -> None:
     for variable in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert cmake_value(variable)
     homepage = cmake_value("EXTENSION_HOMEPAGE")
+    assert homepage == cmake_value("EXTENSION_REPOSITORY_URL")
+    # The repository URL is written once in CMake; every other CMake URL derives from it.
+    assert text.count(homepage.removeprefix("https://github.com/")) == 1
     assert cmake_value("EXTENSION_DEPENDS").split("#")[0].split() == ["PyTorch"]
     for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         url = cmake_value(variable)  # raw URLs of files in this repository, on main
@@ -124,6 +147,59 @@ def test_extension_metadata_and_catalog_entry_agree() -> None:
     assert constants["HOMEPAGE"] == homepage
 
 
+def test_license_file_is_apache_2_and_packaged() -> None:
+    """The Extensions Index requires a license file at the root; CPack shows
+    EXTENSION_LICENSE_FILE (Slicer's own license when unset, hence set before Slicer_USE_FILE)."""
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert re.search(r"^license\s*=\s*.*Apache-2\.0", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert cmake_value("EXTENSION_LICENSE_FILE") == "${CMAKE_CURRENT_SOURCE_DIR}/LICENSE"
+    text = TOP_CMAKE.read_text()
+    assert text.index("set(EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})")
+
+
+def test_minimum_slicer_version_is_declared_everywhere() -> None:
+    """Slicer 5.10: in CMake (checked at configure time), the description, the module's help
+    text and the user guide; the CMake minimum is 5.10's extension template's."""
+    minimum = cmake_value("EXTENSION_MINIMUM_SLICER_VERSION")
+    assert minimum == "5.10"
+    assert f"Slicer {minimum} or later" in cmake_value("EXTENSION_DESCRIPTION")
+    module = ast.parse((MODULE_DIR / "EquivariantRegistration.py").read_text())
+    constants = {
+        ast.unparse(node.targets[0]): node.value.value
+        for node in module.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    }
+    assert constants["MINIMUM_SLICER_VERSION"] == minimum
+    assert "MINIMUM_SLICER_VERSION" in ast.unparse(module_class(module, "EquivariantRegistration"))
+    assert f"Slicer {minimum} or later" in (ROOT / "docs" / "slicer.md").read_text()
+    first = TOP_CMAKE.read_text().splitlines()[0]
+    assert first == "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)"
+
+
+def module_class(module: ast.Module, name: str) -> ast.ClassDef:
+    return next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def test_module_and_engine_parse_as_python_3_12() -> None:
+    """Slicer 5.10 runs Python 3.12: no newer syntax in anything the extension installs."""
+    for path in sorted(MODULE_DIR.rglob("*.py")):
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 12))
+
+
+def test_register_path_imports_no_tqdm() -> None:
+    """Slicer bundles no tqdm: the command line and ``register`` load without it (it is
+    imported only for ``--progress bar`` and ``train``)."""
+    code = (
+        "import sys; sys.modules['tqdm'] = None\n"  # any `import tqdm` now raises ImportError
+        "import equireg.cli, equireg.api, equireg.outputs\n"
+        "equireg.cli.build_parser().parse_args(['register', 'f', 'm', '-o', 'o'])\n"
+        "callback, close = equireg.cli._progress_printer('json'); close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_icons_are_128_pixel_pngs() -> None:
     for path in (
         ROOT / "Resources" / "EquivariantRegistration.png",
@@ -141,7 +217,7 @@ def test_module_installs_what_the_engine_needs_beyond_slicer() -> None:
         for requirement in requires("equireg") or []
         if "extra ==" not in requirement
     }
-    assert set(declared) - SLICER_BUNDLES - DEMO_ONLY == set(engine.ENGINE_REQUIREMENTS)
+    assert set(declared) - SLICER_BUNDLES - TERMINAL_ONLY == set(engine.ENGINE_REQUIREMENTS)
     for name, requirement in engine.ENGINE_REQUIREMENTS.items():
         assert declared[name].replace(" ", "") == requirement
 

@@ -7,9 +7,12 @@ API waits on it, and pytest runs the very same code with the venv's Python.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -19,22 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from equireg.options import BY_NAME, RUN_OPTIONS
+
 DEVICES = ("auto", "cpu", "cuda")
-INITIAL_ALIGNMENTS = ("none", "translation", "rigid", "affine")
+INITIAL_ALIGNMENTS = BY_NAME["initial"].choices
 
-# What the engine imports beyond the packages Slicer bundles (numpy, SimpleITK). torch comes
-# through SlicerPyTorch; both are installed only after the user confirms, never at import.
-ENGINE_REQUIREMENTS = {"torch": "torch>=2.3", "tqdm": "tqdm>=4.60"}
+# What ``equireg register`` imports beyond the packages Slicer bundles (numpy, SimpleITK).
+# torch comes through SlicerPyTorch and is installed only after the user confirms, never at
+# import. tqdm is not needed: the engine imports it only for ``--progress bar`` (a terminal).
+ENGINE_REQUIREMENTS = {"torch": "torch>=2.3"}
 
-
-@dataclass(frozen=True)
-class Options:
-    """The user's choices; each maps to one ``equireg register`` option (the engine checks them)."""
-
-    model: str = "auto"
-    device: str = "auto"
-    initial: str = "none"
-    refine_steps: int | None = None  # None: what the model card recommends
+# Options: one field per entry of ``equireg.options.RUN_OPTIONS`` (the one registry of the
+# engine's run options), with the registry's default; ``build_command`` turns each into its
+# ``equireg register`` flag. A field left at ``None`` is decided by the engine.
+Options = dataclasses.make_dataclass(
+    "Options",
+    [(option.name, Any, dataclasses.field(default=option.default)) for option in RUN_OPTIONS],
+    frozen=True,
+)
+Options.__module__ = __name__
+Options.__doc__ = (
+    "The user's choices of ``equireg register``'s run options; the engine checks them."
+)
 
 
 @dataclass(frozen=True)
@@ -65,24 +74,14 @@ def build_command(
     python: str, inputs: EngineInputs, output_dir: Path, options: Options
 ) -> list[str]:
     """``python -m equireg register ...`` with JSON progress on stdout."""
-    command = [
-        python,
-        "-m",
-        "equireg",
-        "register",
-        str(inputs.fixed),
-        str(inputs.moving),
-        "--output-dir",
-        str(output_dir),
-        "--model",
-        options.model,
-        "--device",
-        options.device,
-        "--initial",
-        options.initial,
-    ]
-    if options.refine_steps is not None:
-        command += ["--refine-steps", str(options.refine_steps)]
+    command = [python, "-m", "equireg", "register", str(inputs.fixed), str(inputs.moving)]
+    command += ["--output-dir", str(output_dir)]
+    for option in RUN_OPTIONS:
+        value = getattr(options, option.name)
+        if option.flag_only:
+            command += [option.flag] if value else []
+        elif value is not None:
+            command += [option.flag, str(value)]
     if inputs.fixed_mask is not None:
         command += ["--fixed-mask", str(inputs.fixed_mask)]
     if inputs.moving_mask is not None:
@@ -102,6 +101,62 @@ def engine_environment(module_dir: Path, base: Mapping[str, str] | None = None) 
     env["PYTHONUNBUFFERED"] = "1"  # progress lines arrive as they are printed
     env["PYTHONIOENCODING"] = "utf-8"  # what EngineProcess decodes, whatever the locale
     return env
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` (``None`` if absent); imports nothing."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The numeric release of a version: ``2.5.1+cu121`` and ``2.5.1rc1`` give ``(2, 5, 1)``."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    if match is None:
+        raise ValueError(f"not a version: {version!r}")
+    return tuple(int(part) for part in match[1].split("."))
+
+
+_COMPARISONS = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+def satisfies(version: str, requirement: str) -> bool:
+    """Whether ``version`` meets ``requirement`` (``name>=2.3``, ``name>=1,<3``; release numbers
+    compared, padded with zeros: ``2.3`` equals ``2.3.0``)."""
+    clauses = re.sub(r"^[A-Za-z0-9_.\-\[\]]+", "", requirement.strip())
+    have = _release(version)
+    for clause in filter(None, (part.strip() for part in clauses.split(","))):
+        match = re.fullmatch(r"(>=|<=|==|!=|>|<)\s*(\S+)", clause)
+        if match is None:
+            raise ValueError(f"{requirement}: unsupported version clause {clause!r}")
+        want = _release(match[2])
+        width = max(len(have), len(want))
+        padded = (have + (0,) * width)[:width], (want + (0,) * width)[:width]
+        if not _COMPARISONS[match[1]](*padded):
+            return False
+    return True
+
+
+def unmet_requirements(
+    requirements: Mapping[str, str] = ENGINE_REQUIREMENTS,
+    version_of: Any = installed_version,
+) -> dict[str, str | None]:
+    """The requirements that are not met, name → installed version (``None``: not installed)."""
+    unmet = {}
+    for name, requirement in requirements.items():
+        version = version_of(name)
+        if version is None or not satisfies(version, requirement):
+            unmet[name] = version
+    return unmet
 
 
 def parse_line(line: str, stream: str) -> ProgressEvent:
@@ -219,3 +274,32 @@ class EngineProcess:
         self._process.wait()
         for reader in self._readers:
             reader.join()
+
+
+# Run by ``CudaProbe``: prints 1 when PyTorch sees a CUDA device, 0 otherwise.
+CUDA_PROBE = "import torch; print(int(torch.cuda.is_available()))"
+
+
+class CudaProbe:
+    """Asks a background Python whether PyTorch sees a CUDA GPU.
+
+    Importing torch takes seconds and loads CUDA libraries: Slicer's GUI process never does
+    it; the panel starts a probe and reads ``result`` from a timer.
+    """
+
+    def __init__(self, python: str, env: Mapping[str, str] | None = None):
+        self._process = EngineProcess([python, "-c", CUDA_PROBE], env or os.environ)
+        self._answer: bool | None = None
+
+    def result(self) -> bool | None:
+        """``None`` while the probe runs; then whether a GPU is usable (``False`` when torch is
+        missing or fails to load)."""
+        for event in self._process.poll():
+            if event.stage == "log" and event.message.strip() in ("0", "1"):
+                self._answer = event.message.strip() == "1"
+        if not self._process.finished:
+            return None
+        return bool(self._answer) and self._process.returncode == 0
+
+    def cancel(self) -> None:
+        self._process.kill()

@@ -7,13 +7,21 @@ Conventions. MRML works in RAS, the engine's files in LPS; storage nodes convert
 ``transform.h5`` maps fixed physical points to moving points (ITK's resampling direction),
 which is what a Slicer transform node stores as its "from parent" transform, so reading the
 file through a transform storage node needs no inversion: a moving node placed under the
-result appears aligned with the fixed volume. ``displacement.nrrd`` is imported as it is
-(vectors in LPS mm, fixed → moving), so that saving the node again gives an ITK/ANTs field.
+result appears aligned with the fixed volume. ``displacement.nrrd`` holds LPS vectors and no
+measurement frame, so Slicer would load them raw; the bridge turns them into RAS vectors marked
+as spatial, as Slicer's own "Convert to displacement field" does, and Slicer's writer saves
+them back as LPS (an ITK/ANTs field again).
+
+Slicer 5.10 reads only 3-D ITK transforms. For a one-slice input the engine writes 3-D
+one-slice outputs; an engine that still writes 2-D outputs for it is handled too: its field
+(two LPS components, at z = 0) is placed on the fixed slice and the transform node is built
+from that field instead of reading the 2-D ``transform.h5``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,6 +34,7 @@ from typing import Any
 import numpy as np
 import slicer
 import vtk
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 from .engine import (
     EngineInputs,
@@ -36,14 +45,21 @@ from .engine import (
     engine_environment,
 )
 
-FIXED_VOLUME_ROLE = "fixedVolume"
-MOVING_VOLUME_ROLE = "movingVolume"
+# Slicer's roles for the inputs of a registration result ("spatialRegistrationFixed/Moving").
+FIXED_VOLUME_ROLE = slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()
+MOVING_VOLUME_ROLE = slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()
+# The engine's output files (the same names as ``equireg.outputs.OUTPUT_FILES``; a test checks).
 OUTPUT_FILES = {
     "transform": "transform.h5",
     "displacement": "displacement.nrrd",
     "warped": "warped.nrrd",
     "report": "report.json",
+    "inverse_transform": "inverse_transform.h5",
 }
+# A transform node attribute: its displacement grids are interpolated linearly. Slicer's
+# transform reader sets cubic interpolation; ``restore_linear_interpolation`` re-applies
+# linear after a scene is loaded.
+INTERPOLATION_ATTRIBUTE = "EquivariantRegistration.Interpolation"
 _AXIAL_TOLERANCE = 1e-6
 
 
@@ -55,10 +71,11 @@ class BridgeError(Exception):
 class Outputs:
     """The nodes one registration filled, and the engine's report (``report.json``)."""
 
-    transform: Any  # vtkMRMLTransformNode
-    displacement: Any  # vtkMRMLVectorVolumeNode
+    transform: Any  # vtkMRMLTransformNode (a grid transform node when created)
+    displacement: Any  # vtkMRMLVectorVolumeNode: RAS vectors, spatial
     warped: Any  # vtkMRMLScalarVolumeNode
     report: dict[str, Any] = field(default_factory=dict)
+    inverse_transform: Any | None = None  # moving → fixed, when the run asked for it
 
 
 # --- geometry -----------------------------------------------------------------------------
@@ -186,6 +203,22 @@ def _use_linear_interpolation(transform: vtk.vtkAbstractTransform) -> None:
             _use_linear_interpolation(transform.GetConcatenatedTransform(index))
 
 
+def restore_linear_interpolation(scene: Any) -> int:
+    """Interpolate linearly in every transform node this module filled (they carry
+    ``INTERPOLATION_ATTRIBUTE``), e.g. after a saved scene was loaded: Slicer's transform
+    reader sets cubic interpolation. Returns the number of nodes changed."""
+    nodes = scene.GetNodesByClass("vtkMRMLTransformNode")
+    changed = 0
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if node.GetAttribute(INTERPOLATION_ATTRIBUTE) == "linear":
+            transform = node.GetTransformFromParent()
+            if transform is not None:
+                _use_linear_interpolation(transform)
+                changed += 1
+    return changed
+
+
 def _place_on_fixed_slice(matrix: vtk.vtkMatrix4x4, fixed_world: vtk.vtkMatrix4x4) -> None:
     """A 2-D result read from file sits at z = 0; put it on the fixed slice (its plane and
     slice axis), where the engine computed it."""
@@ -198,14 +231,53 @@ def _new_node(scene: Any, class_name: str, name: str) -> Any:
     return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
 
 
+def _is_2d_output(field: Any) -> bool:
+    """The engine wrote 2-D outputs (a one-slice input, engines before 3-D one-slice outputs):
+    its field has two vector components."""
+    return field.GetImageData().GetNumberOfScalarComponents() == 2
+
+
 def _fill_volume(target: Any, source: Any, fixed_world: vtk.vtkMatrix4x4, flat: bool) -> None:
     matrix = vtk.vtkMatrix4x4()
     source.GetIJKToRASMatrix(matrix)
-    if flat and is_single_slice(source):
+    if flat:
         _place_on_fixed_slice(matrix, fixed_world)
     target.SetAndObserveImageData(source.GetImageData())
     target.SetIJKToRASMatrix(matrix)
     target.CreateDefaultDisplayNodes()
+
+
+def _ras_vectors(field: Any) -> vtk.vtkImageData:
+    """The LPS displacement vectors of a volume read from ``displacement.nrrd`` (2 or 3
+    components, read raw since the file has no measurement frame) as 3-component RAS vectors."""
+    image = field.GetImageData()
+    components = image.GetNumberOfScalarComponents()
+    lps = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(-1, components)
+    ras = np.zeros((lps.shape[0], 3), dtype=lps.dtype)
+    ras[:, :2] = -lps[:, :2]
+    if components == 3:
+        ras[:, 2] = lps[:, 2]
+    converted = vtk.vtkImageData()
+    converted.SetDimensions(image.GetDimensions())
+    vectors = numpy_to_vtk(ras, deep=True)
+    vectors.SetName("displacement")
+    converted.GetPointData().SetScalars(vectors)
+    return converted
+
+
+def _grid_transform(field: Any) -> vtk.vtkAbstractTransform:
+    """The fixed → moving transform of a displacement volume (RAS vectors, spatial): ``x ↦ x +
+    u(x)`` on the volume's grid, as ITK's DisplacementFieldTransform of the same field."""
+    matrix = vtk.vtkMatrix4x4()
+    field.GetIJKToRASDirectionMatrix(matrix)
+    grid = vtk.vtkImageData()
+    grid.DeepCopy(field.GetImageData())  # the transform stays if the volume is edited
+    grid.SetOrigin(field.GetOrigin())
+    grid.SetSpacing(field.GetSpacing())
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(grid)
+    transform.SetGridDirectionMatrix(matrix)
+    return transform
 
 
 def import_results(
@@ -215,45 +287,68 @@ def import_results(
     transform: Any | None = None,
     displacement: Any | None = None,
     warped: Any | None = None,
+    inverse_transform: Any | None = None,
 ) -> Outputs:
     """Load the engine's outputs into the given nodes (new nodes where ``None``).
 
     Every file is read into detached nodes first: when one is missing or unreadable a
     ``BridgeError`` is raised and the scene is left as it was. The transform node records the
-    fixed and moving volumes as node references (``fixedVolume``, ``movingVolume``).
+    fixed and moving volumes under Slicer's registration roles (``spatialRegistrationFixed``,
+    ``spatialRegistrationMoving``). ``inverse_transform.h5`` (moving → fixed), when the engine
+    wrote one, fills ``inverse_transform`` with the roles swapped.
     """
-    loaded_transform = _read_transform(output_dir / OUTPUT_FILES["transform"])
     loaded_field = _read_volume(
         output_dir / OUTPUT_FILES["displacement"], slicer.vtkMRMLVectorVolumeNode
     )
     loaded_warped = _read_volume(
         output_dir / OUTPUT_FILES["warped"], slicer.vtkMRMLScalarVolumeNode
     )
+    flat = _is_2d_output(loaded_field)
+    loaded_transform = None if flat else _read_transform(output_dir / OUTPUT_FILES["transform"])
+    inverse_file = output_dir / OUTPUT_FILES["inverse_transform"]
+    loaded_inverse = _read_transform(inverse_file) if inverse_file.is_file() and not flat else None
     try:
         report = json.loads((output_dir / OUTPUT_FILES["report"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise BridgeError(f"{output_dir / OUTPUT_FILES['report']}: cannot be read") from None
 
-    fixed_world, flat = world_ijk_to_ras(fixed), is_single_slice(fixed)
+    fixed_world = world_ijk_to_ras(fixed)
+    loaded_field.SetAndObserveImageData(_ras_vectors(loaded_field))
+    if flat and inverse_file.is_file():
+        report.setdefault("warnings", []).append(
+            f"{inverse_file.name} is a 2-D transform, which Slicer 5.10 cannot read: not loaded"
+        )
 
     # Nothing above changed the scene; from here on nothing can fail.
     scene = fixed.GetScene()
     base = f"{moving.GetName()} to {fixed.GetName()}"
     if transform is None:
-        transform = _new_node(scene, "vtkMRMLTransformNode", f"{base} transform")
+        transform = _new_node(scene, "vtkMRMLGridTransformNode", f"{base} transform")
     if displacement is None:
         displacement = _new_node(scene, "vtkMRMLVectorVolumeNode", f"{base} displacement")
     if warped is None:
         warped = _new_node(scene, "vtkMRMLScalarVolumeNode", f"{moving.GetName()} warped")
+    if loaded_inverse is not None and inverse_transform is None:
+        name = f"{fixed.GetName()} to {moving.GetName()} inverse transform"
+        inverse_transform = _new_node(scene, "vtkMRMLGridTransformNode", name)
 
-    result = loaded_transform.GetTransformFromParent()
-    _use_linear_interpolation(result)
-    transform.SetAndObserveTransformFromParent(result)
-    transform.SetNodeReferenceID(FIXED_VOLUME_ROLE, fixed.GetID())
-    transform.SetNodeReferenceID(MOVING_VOLUME_ROLE, moving.GetID())
-    _fill_volume(displacement, loaded_field, fixed_world, flat)
     _fill_volume(warped, loaded_warped, fixed_world, flat)
-    return Outputs(transform, displacement, warped, report)
+    _fill_volume(displacement, loaded_field, fixed_world, flat)
+    displacement.SetVoxelVectorType(slicer.vtkMRMLVolumeNode.VoxelVectorTypeSpatial)
+    result = _grid_transform(displacement) if flat else loaded_transform.GetTransformFromParent()
+    _set_result(transform, result, fixed, moving)
+    if loaded_inverse is not None:
+        _set_result(inverse_transform, loaded_inverse.GetTransformFromParent(), moving, fixed)
+    return Outputs(transform, displacement, warped, report, inverse_transform)
+
+
+def _set_result(node: Any, transform: vtk.vtkAbstractTransform, fixed: Any, moving: Any) -> None:
+    """``node`` holds ``transform`` (fixed → moving, linear interpolation) and its inputs."""
+    _use_linear_interpolation(transform)
+    node.SetAndObserveTransformFromParent(transform)
+    node.SetAttribute(INTERPOLATION_ATTRIBUTE, "linear")
+    node.SetNodeReferenceID(FIXED_VOLUME_ROLE, fixed.GetID())
+    node.SetNodeReferenceID(MOVING_VOLUME_ROLE, moving.GetID())
 
 
 # --- landmarks ----------------------------------------------------------------------------
@@ -325,6 +420,38 @@ def selftest_threshold(case: Path) -> float | None:
     return None
 
 
+def sample_data_sources(
+    module_dir: Path, cases: dict[str, str], thumbnail: Path
+) -> list[dict[str, Any]]:
+    """Keyword arguments of ``SampleData.SampleDataLogic.registerCustomSampleDataSource``
+    (Slicer 5.10-5.12 signature), one set per installed regression case: fixed, moving, and
+    the moving image shifted far inside its field of view. ``cases`` maps a case (``retina/
+    photo``) to the name shown in the Sample Data module."""
+    sources = []
+    for name, shown in cases.items():
+        case = find_regression_case(module_dir, name)
+        if case is None:
+            continue
+        files = [case / f"{stem}.nrrd" for stem in ("fixed", "moving", "moving_shifted")]
+        label = name.replace("/", " ")
+        sources.append(
+            {
+                "category": "Equivariant Registration",
+                "sampleName": shown,  # also the button's text (no separate description)
+                "thumbnailFileName": str(thumbnail),
+                "uris": [path.as_uri() for path in files],
+                "fileNames": [
+                    f"EquivariantRegistration-{label.replace(' ', '-')}-{p.name}" for p in files
+                ],
+                "nodeNames": [f"{label} {path.stem.replace('_', ' ')}" for path in files],
+                "checksums": [
+                    f"SHA256:{hashlib.sha256(path.read_bytes()).hexdigest()}" for path in files
+                ],
+            }
+        )
+    return sources
+
+
 def new_work_folder(root: Path) -> Path:
     """A fresh, timestamped folder for one run, inside ``root``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -355,11 +482,12 @@ class Registration:
         transform: Any | None = None,
         displacement: Any | None = None,
         warped: Any | None = None,
+        inverse_transform: Any | None = None,
         keep_files: bool = False,
     ):
         self.fixed, self.moving = fixed, moving
         self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
-        self.targets = (transform, displacement, warped)
+        self.targets = (transform, displacement, warped, inverse_transform)
         self.python, self.module_dir, self.work_root = python, module_dir, work_root
         self.options, self.keep_files = options or Options(), keep_files
         self.folder: Path | None = None

@@ -12,8 +12,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .errors import InputError
 from .options import RUN_OPTIONS
 
@@ -34,6 +32,8 @@ def _progress_printer(
 
         return emit, lambda: None
     if mode == "bar":
+        from tqdm import tqdm  # a terminal's bar only: Slicer (--progress json) has no tqdm
+
         bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}")
 
         def update(stage: str, fraction: float, message: str) -> None:
@@ -152,6 +152,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .device import resolve_device
     from .train import load_config, train
 
