@@ -24,22 +24,38 @@ from .maps import Map, evaluate, identity_grid, sample
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _border_counts(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """How many of the ``width`` voxels around each of ``length`` positions are inside."""
+    index = torch.arange(length, device=like.device, dtype=like.dtype)
+    radius = width // 2
+    return (index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1
+
+
 def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """Mean over the box around each voxel, the box cropped to the image at the border.
 
-    One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``); excluding the
-    padding from each 1-D mean is exact for the cropped box because it is a product of
-    intervals.
+    One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``): a depthwise
+    convolution with zero padding, divided by the number of voxels inside, which is exact for
+    the cropped box because it is a product of intervals.
     """
     dims = x.dim() - 2
+    channels = x.shape[1]
     for axis, width in enumerate(window):
         if width == 1:
             continue
-        kernel = [1] * dims
-        kernel[axis] = width
+        size = [1] * dims
+        size[axis] = width
         padding = [0] * dims
         padding[axis] = width // 2
-        x = _AVG_POOL[dims](x, kernel, stride=1, padding=padding, count_include_pad=False)
+        kernel = x.new_ones(channels, 1, *size)
+        summed = _CONV[dims](x, kernel, padding=padding, groups=channels)
+        counts = _border_counts(x.shape[2 + axis], width, x)
+        shape = [1] * x.dim()
+        shape[2 + axis] = -1
+        x = summed / counts.view(shape)
     return x
 
 

@@ -56,6 +56,7 @@ QUALITY = {
 
 DIFFUSION_WEIGHT = 2.0  # similarity + this × mean ‖∇u‖²_F (dimensionless)
 LEARNING_RATE = 0.5  # Adam step, in voxels of the level
+FINEST_STEPS = 0.5  # the finest (costliest) level runs this fraction of the steps
 
 
 def pyramid(fixed: Grid, budget: int, levels: int) -> list[Grid]:
@@ -333,8 +334,9 @@ def refine(
                 done = (k + (step + 1) / steps) / len(grids)
                 progress(done, f"level {k + 1}/{len(grids)}, step {step + 1}/{steps}")
 
+            level_steps = steps if k < len(grids) - 1 else max(1, round(steps * FINEST_STEPS))
             displacement, summary = optimise_level(
-                level, displacement, similarity, steps, quality, report_step
+                level, displacement, similarity, level_steps, quality, report_step
             )
             levels.append(summary)
         finest = level
