@@ -4,9 +4,11 @@ reports of ``register`` and ``equireg evaluate`` use the same names and the same
 Every measure is a *similarity* (higher is better) of a warped moving image ``a`` and a fixed
 image ``b``, both ``(B, C, *S)`` tensors on one grid, optionally weighted by ``weight``
 ``(B, 1, *S)`` in [0, 1] (the voxels that count: a fixed mask times the part of the fixed grid
-that the moving image covers). ``lncc``, ``mind`` and ``nmi`` are 1 for identical images;
-``mse`` is the negated mean squared difference (0 for identical images). Losses are the
-negated values, so they are differentiable wherever the images are.
+that the moving image covers). ``mind`` is 1 for identical images and ``mse`` (the negated
+mean squared difference) 0; ``lncc`` is 1 for identical images where each window has
+structure (flat windows count 0), and ``nmi`` is highest for identical images but below 1
+(its Parzen window blurs the joint histogram). Losses are the negated values, differentiable
+wherever the images are.
 
 Intensities are expected roughly in [0, 1] (``preprocess.robust_normalise``): NMI bins them
 there, MIND is scale-free, LNCC is invariant to affine intensity changes.
