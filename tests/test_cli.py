@@ -180,13 +180,13 @@ def test_json_progress_lines(
 
 
 def test_refinement_defaults_to_the_quality_preset(pair_2d: tuple[Path, Path]) -> None:
-    """No refine_steps: the quality preset's steps on each of its levels; an explicit 0 keeps
-    the best start and runs no refinement stage."""
+    """No refine_steps: the quality preset's steps on each of its levels (half on the finest);
+    an explicit 0 keeps the best start and runs no refinement stage."""
     for quality in ("fast", "balanced"):
         report = equireg.api.register(*pair_2d, quality=quality).report
-        levels = report["refinement"]["levels"]
-        assert [level["steps"] for level in levels] == [QUALITY[quality].steps] * len(levels)
-        assert len(levels) == QUALITY[quality].levels
+        steps = [level["steps"] for level in report["refinement"]["levels"]]
+        preset = QUALITY[quality]
+        assert steps == [preset.steps] * (preset.levels - 1) + [preset.steps // 2]
     report = equireg.api.register(*pair_2d, refine_steps=0).report
     assert report["refinement"]["levels"] == [] and "refine" not in report["timings_s"]
 
