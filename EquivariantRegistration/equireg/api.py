@@ -20,14 +20,15 @@ import torch
 
 from . import __version__, affine, losses
 from .device import resolve_device
-from .errors import InputError, RegistrationFailure
+from .errors import RegistrationFailure
 from .evaluate import folding_fraction
-from .io import checked_mask, read_image, read_mask
+from .io import read_image, read_mask
 from .maps import Map, compose, displacement_map, evaluate, identity_grid, sampled_map, warp
 from .models import ModelCard, load_network, read_card
-from .outputs import Result
+from .outputs import Result, lift_to_slice
 from .preprocess import network_input, network_mask, normalise_intensity
 from .space import Grid, physical_displacement, resample_to_grid
+from .validate import check_image, check_mask, check_pair, check_path_argument, check_run_options
 
 Progress = Callable[[str, float, str], None]
 ImageLike = str | os.PathLike | sitk.Image
@@ -88,17 +89,20 @@ class _Stages:
         return self.timings
 
 
-def _as_image(image: ImageLike, notify: Callable[[str], None]) -> sitk.Image:
+def _as_image(image: ImageLike, notify: Callable[[str], None], role: str) -> sitk.Image:
+    """A checked float32 image (validate.check_image), from a path or from memory alike."""
+    check_path_argument(image, role)
     if isinstance(image, sitk.Image):
-        return sitk.Cast(image, sitk.sitkFloat32)
+        return check_image(image, f"{role} (in-memory image)", notify)
     return read_image(image, notify)
 
 
 def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.Image | None:
     if mask is None:
         return None
+    check_path_argument(mask, f"{role}_mask")
     if isinstance(mask, sitk.Image):
-        return checked_mask(mask, reference, role, f"<{role} mask image>")
+        return check_mask(mask, reference, role, f"{role}_mask (in-memory image)")
     return read_mask(mask, reference, role)
 
 
@@ -308,12 +312,16 @@ def register(
     space (``affine.align``); the network then registers the fixed image to the moving image
     resampled through that alignment, and the result is their composition.
     """
-    if initial not in ("none", *affine.MODES):
-        raise InputError(f"--initial {initial}: must be none, {', '.join(affine.MODES)}")
-    if refine_steps is not None and refine_steps < 0:
-        raise InputError(f"--refine-steps {refine_steps}: must be 0 or more")
-    if field_grid not in ("auto", "network", "fixed"):
-        raise InputError(f"--field-grid {field_grid}: must be auto, network or fixed")
+    check_run_options(
+        model=model,
+        device=device,
+        initial=initial,
+        refine_steps=refine_steps,
+        field_grid=field_grid,
+        similarity=similarity,
+        quality=quality,
+        inverse=inverse,
+    )
     if field_grid == "auto":
         field_grid = "network"
     notices: list[str] = []
@@ -324,13 +332,9 @@ def register(
     stages.enter("load", "reading images and model")
 
     torch_device = resolve_device(device)
-    fixed_image = _as_image(fixed, notices.append)
-    moving_image = _as_image(moving, notices.append)
-    if fixed_image.GetDimension() != moving_image.GetDimension():
-        raise InputError(
-            f"{moving if not isinstance(moving, sitk.Image) else 'moving image'}: "
-            f"{moving_image.GetDimension()}-D but the fixed image is {fixed_image.GetDimension()}-D"
-        )
+    fixed_image = _as_image(fixed, notices.append, "fixed")
+    moving_image = _as_image(moving, notices.append, "moving")
+    check_pair(fixed_image, moving_image, "moving" if isinstance(moving, sitk.Image) else moving)
     fixed_mask_image = _as_mask(fixed_mask, fixed_image, "fixed")
     moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
     card = read_card(model, fixed_image.GetDimension())
@@ -439,4 +443,5 @@ def register(
     if progress is not None:
         for message in notices + warnings:
             progress("warning", 1.0, message)
-    return Result(transform, displacement, warped, report, inverse_transform)
+    result = Result(transform, displacement, warped, report, inverse_transform)
+    return lift_to_slice(result, fixed_image, moving_image)  # one-slice 3-D inputs: 3-D outputs
