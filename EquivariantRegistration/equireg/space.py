@@ -305,3 +305,23 @@ def lift_displacement(field: sitk.Image, source: SlicePlane, target: SlicePlane)
     """A 2-D displacement image (in-plane mm, ``q ↦ q + u(q)`` from ``source``'s plane to
     ``target``'s) as a one-slice 3-D displacement image in LPS mm on ``source``'s plane."""
     return _lifted_field(field, source, target)
+
+
+def restrict_transform(
+    transform: sitk.Transform, source: SlicePlane, target: SlicePlane, grid: Grid
+) -> sitk.Transform:
+    """A 3-D transform (``source``'s plane to ``target``'s) as a 2-D displacement-field
+    transform between their in-plane coordinates, sampled on the 2-D ``grid`` (the inverse of
+    ``lift_transform`` where the 3-D transform maps the plane into the target plane)."""
+    points = grid.physical_points()
+    flat = points.reshape(-1, 2)
+    world = source.centre + flat @ source.basis.T
+    moved = np.array([transform.TransformPoint(tuple(p)) for p in world])
+    in_plane = (moved - target.centre) @ target.basis
+    field = sitk.GetImageFromArray((in_plane - flat).reshape(points.shape), isVector=True)
+    return sitk.DisplacementFieldTransform(grid.stamp(field))
+
+
+def points_to_plane(points: np.ndarray, plane: SlicePlane) -> np.ndarray:
+    """``(N, 3)`` LPS mm on (or near) ``plane`` -> ``(N, 2)`` in-plane coordinates."""
+    return (np.asarray(points, dtype=np.float64) - plane.centre) @ plane.basis
