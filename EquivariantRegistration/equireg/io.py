@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import struct
 import sys
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 Notify = Callable[[str], None]
+MAX_VOXELS = 2**30  # voxel values (× components) of one input: 4 GB as float32
 
 checked_mask = check_mask  # the name ``api`` imports
 
@@ -150,6 +152,45 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
+_GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032:1
+
+
+def _bytes_per_value(pixel_id: int) -> int:
+    """Bytes of one component of ``pixel_id`` (1 when unknown: a lower bound)."""
+    name = sitk.GetPixelIDValueAsString(pixel_id).lower()
+    for words, size in (("64", 8), ("double", 8), ("32", 4), ("float", 4), ("16", 2)):
+        if words in name:
+            return size
+    return 1
+
+
+def _check_declared_data(path: Path, data_bytes: int, values: int) -> None:
+    """An NRRD or MetaImage file too short for the data its header declares is an error before
+    anything is allocated (raw data: its bytes; gzip: at most ~1032:1; text: a byte a value)."""
+    if not path.name.lower().endswith((".nrrd", ".mha", ".nhdr", ".mhd")) or not path.is_file():
+        return
+    with open(path, "rb") as stream:
+        header = stream.read(8192).decode("latin-1").lower()
+    if "data file" in header or ("elementdatafile" in header and "= local" not in header):
+        return  # detached data: the other file is read by ITK
+    size = path.stat().st_size
+    if "bzip2" in header or "bz2" in header:
+        return
+    if "encoding: gzip" in header or "encoding: gz" in header or "compresseddata = true" in header:
+        needed = data_bytes // _GZIP_MAX_RATIO
+    elif "encoding: ascii" in header or "encoding: text" in header or "encoding: txt" in header:
+        needed = values
+    elif "encoding: hex" in header:
+        needed = 2 * data_bytes
+    else:
+        needed = data_bytes
+    if size < needed:
+        raise InputError(
+            f"{path}: file is truncated ({size} bytes; its header declares {data_bytes} bytes "
+            "of voxel data)"
+        )
+
+
 def _split_series(path: Path) -> tuple[Path, str | None]:
     """``folder#SeriesInstanceUID`` names one series of a DICOM folder."""
     text = str(path)
@@ -198,7 +239,19 @@ def read_any(path: str | os.PathLike, what: str, notify: Notify = lambda _m: Non
         with quiet_output():
             if path.is_dir():
                 return _read_dicom_folder(path, uid, notify)
-            return sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # the header only: refuse absurd sizes unallocated
+            voxels = math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
+            if voxels > MAX_VOXELS:
+                raise InputError(
+                    f"{path}: header declares {voxels} voxel values (size {reader.GetSize()}); "
+                    f"more than the {MAX_VOXELS} this program reads"
+                )
+            _check_declared_data(path, voxels * _bytes_per_value(reader.GetPixelID()), voxels)
+            return reader.Execute()
+    except InputError:
+        raise
     except RuntimeError as error:
         raise InputError(f"{path}: cannot be read as {what} ({_reason(error)})") from None
     except (OSError, MemoryError, OverflowError, ValueError) as error:
