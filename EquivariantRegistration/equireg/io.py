@@ -235,27 +235,36 @@ def read_any(path: str | os.PathLike, what: str, notify: Notify = lambda _m: Non
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     _check_nifti_complete(path)
+    notices: list[str] = []  # given to ``notify`` after the capture of library output ends
     try:
         with quiet_output():
             if path.is_dir():
-                return _read_dicom_folder(path, uid, notify)
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()  # the header only: refuse absurd sizes unallocated
-            voxels = math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
-            if voxels > MAX_VOXELS:
-                raise InputError(
-                    f"{path}: header declares {voxels} voxel values (size {reader.GetSize()}); "
-                    f"more than the {MAX_VOXELS} this program reads"
-                )
-            _check_declared_data(path, voxels * _bytes_per_value(reader.GetPixelID()), voxels)
-            return reader.Execute()
+                image = _read_dicom_folder(path, uid, notices.append)
+            else:
+                image = _read_file(path)
     except InputError:
         raise
     except RuntimeError as error:
         raise InputError(f"{path}: cannot be read as {what} ({_reason(error)})") from None
     except (OSError, MemoryError, OverflowError, ValueError) as error:
         raise InputError(f"{path}: cannot be read as {what} ({error})") from None
+    for notice in notices:
+        notify(notice)
+    return image
+
+
+def _read_file(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only: refuse absurd sizes unallocated
+    voxels = math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"{path}: header declares {voxels} voxel values (size {reader.GetSize()}); "
+            f"more than the {MAX_VOXELS} this program reads"
+        )
+    _check_declared_data(path, voxels * _bytes_per_value(reader.GetPixelID()), voxels)
+    return reader.Execute()
 
 
 def read_image(path: str | os.PathLike, notify: Notify = lambda _m: None) -> sitk.Image:

@@ -277,12 +277,10 @@ def lift_to_slice(result: Result, fixed: sitk.Image, moving: sitk.Image) -> Resu
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Fail early (``InputError``) when ``output_dir`` cannot be created or written.
+    """Create ``output_dir`` if needed and check that it can be written (``demo``).
 
     Raises:
         InputError: the path is a file or cannot be created or written.
     """
-    folder = OutputFolder(output_dir)
-    with folder:
-        pass
-    return folder.path
+    with OutputFolder(output_dir) as folder:
+        return folder.path
