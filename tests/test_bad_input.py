@@ -28,7 +28,7 @@ import equireg.outputs
 from equireg.cli import main
 from equireg.compose import RegistrationStep
 from equireg.errors import InputError
-from equireg.io import read_image
+from equireg.io import quiet_output, read_image
 from equireg.maps import Map
 from equireg.models import MODELS_DIR, load_network, read_card
 from equireg.outputs import OUTPUT_FILES
@@ -339,6 +339,11 @@ def test_folder_that_is_not_dicom_gives_one_line(
 
 
 def _dicom_series(folder: Path, uid: str, slices: int, z0: float) -> None:
+    with quiet_output():  # GDCM's writer sets the process locale to "C"; this restores it
+        _write_dicom_series(folder, uid, slices, z0)
+
+
+def _write_dicom_series(folder: Path, uid: str, slices: int, z0: float) -> None:
     values = _blobs((slices, 24, 20)).astype(np.int16)
     for k in range(slices):
         image = sitk.GetImageFromArray(values[k : k + 1])

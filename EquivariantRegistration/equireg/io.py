@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import locale
 import math
 import os
 import struct
@@ -49,8 +50,11 @@ checked_mask = check_mask  # the name ``api`` imports
 @contextlib.contextmanager
 def quiet_output() -> Iterator[list[str]]:
     """Capture what C++ libraries (ITK, GDCM, HDF5, MetaIO) print on file descriptors 1 and 2
-    while the block runs; the captured lines are in the yielded list afterwards."""
+    while the block runs; the captured lines are in the yielded list afterwards. The process
+    locale is restored too (GDCM's writer sets it to "C", which makes Python's default text
+    encoding ASCII)."""
     captured: list[str] = []
+    saved_locale = locale.setlocale(locale.LC_ALL)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -73,6 +77,9 @@ def quiet_output() -> Iterator[list[str]]:
         sink.seek(0)
         captured.extend(sink.read().decode("utf-8", "replace").splitlines())
         sink.close()
+        if locale.setlocale(locale.LC_ALL) != saved_locale:
+            with contextlib.suppress(locale.Error):
+                locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def _reason(error: Exception) -> str:
