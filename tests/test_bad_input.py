@@ -617,3 +617,34 @@ def test_command_line_chatter_and_temp_folder(pair: tuple[Path, Path], tmp_path:
     )
     assert run.returncode == 0, run.stderr
     assert not any(p.name.startswith("torchinductor") for p in temp.iterdir())
+
+
+def test_library_diagnostics_of_a_failed_write_are_one_line(
+    pair: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """A full disk makes HDF5 print its error stack on stderr (52 lines): it is captured and
+    the run ends with one line naming the file."""
+
+    def full_disk(transform, path):
+        os.write(2, b"HDF5-DIAG: Error detected in HDF5 (1.14.3):\n" * 52)
+        raise RuntimeError("Exception thrown in SimpleITK WriteTransform: HDF5 write failed")
+
+    monkeypatch.setattr(sitk, "WriteTransform", full_disk)
+    code, err = _run(["register", *map(str, pair), "-o", str(tmp_path / "o")], capfd)
+    _one_line(code, err, "transform.h5: cannot be written (")
+    assert not (tmp_path / "o").exists()
+
+
+def test_runtime_failure_exits_3_with_one_line_and_keeps_it_with_debug(
+    pair: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch
+) -> None:
+    from equireg.errors import RegistrationFailure
+
+    def out_of_memory(*_args, **_kwargs):
+        raise RegistrationFailure("out of memory on CUDA, and the CPU failed too:\nline two")
+
+    monkeypatch.setattr(equireg.api, "load_network", out_of_memory)
+    code, err = _run(["register", *map(str, pair), "-o", str(tmp_path / "o")], capfd)
+    _one_line(code, err, "equireg: failed: out of memory on CUDA", exit_code=3)
+    code, err = _run(["--debug", "register", *map(str, pair), "-o", str(tmp_path / "o")], capfd)
+    assert code == 3 and err[0].startswith("Traceback") and "out of memory" in err[-1]
