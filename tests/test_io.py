@@ -46,7 +46,7 @@ def _smooth(shape: tuple[int, ...]) -> np.ndarray:
             ),
             "infinite",
         ),
-        (lambda d: _write(np.zeros((1, 9), np.float32), d / "empty.nrrd"), "empty"),
+        (lambda d: _write(np.zeros((1, 9), np.float32), d / "empty.nrrd"), "too small"),
     ],
     ids=["missing", "unreadable", "4d", "vector", "constant", "nan", "inf", "empty"],
 )
@@ -93,6 +93,6 @@ def test_mask_must_share_the_image_grid(tmp_path: Path) -> None:
 
 def test_write_image_leaves_no_partial_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.nrrd"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match="cannot be written"):
         write_image(sitk.Image(), target)  # an empty image cannot be written
     assert list(tmp_path.iterdir()) == []

@@ -112,7 +112,6 @@ def test_displacement_volume_holds_the_transform_nodes_ras_vectors(finished_run)
     assert outputs.displacement.GetVoxelVectorType() == spatial
 
 
-@pytest.mark.xfail(reason="engine 3-D one-slice outputs land with issue 13", strict=True)
 def test_one_slice_export_gives_a_transform_slicer_5_10_reads(tmp_path: Path) -> None:
     """The module exports a 2-D image as a 3-D one-slice volume; the engine must answer with
     3-D transforms (Slicer 5.10 reads no 2-D ones), for the inverse too."""

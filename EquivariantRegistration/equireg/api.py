@@ -23,12 +23,10 @@ import torch
 from . import affine
 from .capture import PointMap, capture, unsuitable
 from .device import resolve_device
-from .errors import InputError
 from .evaluate import folding_fraction
-from .io import checked_mask, read_image, read_mask
+from .io import read_image, read_mask
 from .models import ModelCard, load_network, read_card
-from .options import BY_NAME
-from .outputs import Result
+from .outputs import Result, lift_to_slice
 from .preprocess import background_value, robust_range
 from .refine import QUALITY, ImagePair, Refined, field_array, field_tensor, refine, resize_field
 from .refine import score as level_score
@@ -37,21 +35,25 @@ from .similarity import Similarity
 from .similarity import get as get_similarity
 from .space import Grid
 from .stages import Progress, Stages
+from .validate import check_image, check_mask, check_pair, check_path_argument, check_run_options
 
 ImageLike = str | os.PathLike | sitk.Image
 
 
-def _as_image(image: ImageLike, notify: Callable[[str], None]) -> sitk.Image:
+def _as_image(image: ImageLike, notify: Callable[[str], None], role: str) -> sitk.Image:
+    """A checked float32 image (validate.check_image), from a path or from memory alike."""
+    check_path_argument(image, role)
     if isinstance(image, sitk.Image):
-        return sitk.Cast(image, sitk.sitkFloat32)
+        return check_image(image, f"{role} (in-memory image)", notify)
     return read_image(image, notify)
 
 
 def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.Image | None:
     if mask is None:
         return None
+    check_path_argument(mask, f"{role}_mask")
     if isinstance(mask, sitk.Image):
-        return checked_mask(mask, reference, role, f"<{role} mask image>")
+        return check_mask(mask, reference, role, f"{role}_mask (in-memory image)")
     return read_mask(mask, reference, role)
 
 
@@ -65,22 +67,6 @@ class _Options:
     steps: int
     field_grid: str
     inverse: bool
-
-
-def _check_options(
-    initial: str, similarity_name: str, quality: str, steps: int | None, field_grid: str
-) -> None:
-    for name, value in (
-        ("initial", initial),
-        ("similarity", similarity_name),
-        ("quality", quality),
-        ("field_grid", field_grid),
-    ):
-        option = BY_NAME[name]
-        if value not in (option.choices or ()):
-            raise InputError(f"{option.flag} {value}: must be one of {', '.join(option.choices)}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-        raise InputError(f"--refine-steps {steps!r}: must be a whole number, 0 or more")
 
 
 @dataclass
@@ -247,7 +233,16 @@ def register(
             images of different dimension, invalid options or model.
         RegistrationFailure: CUDA ran out of memory and the CPU fallback failed too.
     """
-    _check_options(initial, similarity, quality, refine_steps, field_grid)
+    check_run_options(
+        model=model,
+        device=device,
+        initial=initial,
+        refine_steps=refine_steps,
+        field_grid=field_grid,
+        similarity=similarity,
+        quality=quality,
+        inverse=inverse,
+    )
     steps = QUALITY[quality].steps if refine_steps is None else refine_steps
     options = _Options(initial, get_similarity(similarity), quality, steps, field_grid, inverse)
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
@@ -258,13 +253,9 @@ def register(
 
     stages.enter("load", "reading images and model")
     torch_device = resolve_device(device)
-    fixed_image = _as_image(fixed, notices.append)
-    moving_image = _as_image(moving, notices.append)
-    if fixed_image.GetDimension() != moving_image.GetDimension():
-        raise InputError(
-            f"{moving if not isinstance(moving, sitk.Image) else 'moving image'}: "
-            f"{moving_image.GetDimension()}-D but the fixed image is {fixed_image.GetDimension()}-D"
-        )
+    fixed_image = _as_image(fixed, notices.append, "fixed")
+    moving_image = _as_image(moving, notices.append, "moving")
+    check_pair(fixed_image, moving_image, "moving" if isinstance(moving, sitk.Image) else moving)
     fixed_mask_image = _as_mask(fixed_mask, fixed_image, "fixed")
     moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
     card = read_card(model, fixed_image.GetDimension())
@@ -396,4 +387,5 @@ def register(
     if progress is not None:
         for message in notices + warnings:
             progress("warning", 1.0, message)
-    return Result(transform, displacement, warped, report, inverse_transform)
+    result = Result(transform, displacement, warped, report, inverse_transform)
+    return lift_to_slice(result, fixed_image, moving_image)  # one-slice 3-D inputs: 3-D outputs

@@ -26,33 +26,37 @@ from .evaluate import (
     target_registration_error,
     transform_field,
 )
-from .io import read_image, read_landmarks, read_transform
+from .io import read_image, read_labels, read_landmarks, read_transform
 from .preprocess import network_input
+from .space import Grid, points_to_plane, restrict_transform
+from .validate import slice_plane
 
 PathLike = str | os.PathLike
 
 
-def _read_labels(path: PathLike, dim: int) -> sitk.Image:
-    """A label map (integers; label 0 is background) of dimension ``dim``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such label file")
-    try:
-        labels = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(f"{path}: cannot be read as a label image") from None
-    if labels.GetDimension() == 3 and dim == 2 and labels.GetSize()[2] == 1:
-        labels = labels[:, :, 0]
-    if labels.GetDimension() != dim or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: label map must be a scalar {dim}-D image")
-    return sitk.Cast(labels, sitk.sitkInt32)
-
-
-def _read_mapping(path: PathLike, dim: int) -> sitk.Transform:
+def _read_mapping(path: PathLike, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+    """The transform file, of the images' dimension; a 3-D transform for two images read from
+    one-slice 3-D files (as ``register`` writes it) is taken between their planes."""
+    dim = fixed.GetDimension()
     mapping = read_transform(path)
+    fixed_plane = slice_plane(fixed)
+    if mapping.GetDimension() == 3 and dim == 2 and fixed_plane is not None:
+        moving_plane = slice_plane(moving) or fixed_plane
+        return restrict_transform(mapping, fixed_plane, moving_plane, Grid.of(fixed))
     if mapping.GetDimension() != dim:
         raise InputError(f"{path}: {mapping.GetDimension()}-D transform for {dim}-D images")
     return mapping
+
+
+def _read_points(path: PathLike, image: sitk.Image) -> Any:
+    """Landmarks of ``image``; 3-D points of an image read from a one-slice 3-D file are taken
+    into its plane."""
+    plane = slice_plane(image)
+    if plane is not None and Path(path).is_file():
+        header = Path(path).read_text(errors="replace").split("\n", 1)[0]
+        if header.count(",") == 2:
+            return points_to_plane(read_landmarks(path, 3), plane)
+    return read_landmarks(path, image.GetDimension())
 
 
 def _pair(first: PathLike | None, second: PathLike | None, what: str) -> bool:
@@ -63,9 +67,13 @@ def _pair(first: PathLike | None, second: PathLike | None, what: str) -> bool:
 
 
 def _landmarks(
-    fixed: PathLike, moving: PathLike, transform: sitk.Transform, dim: int
+    fixed: PathLike,
+    moving: PathLike,
+    transform: sitk.Transform,
+    images: tuple[sitk.Image, sitk.Image],
 ) -> dict[str, Any]:
-    fixed_points, moving_points = read_landmarks(fixed, dim), read_landmarks(moving, dim)
+    dim = images[0].GetDimension()
+    fixed_points, moving_points = _read_points(fixed, images[0]), _read_points(moving, images[1])
     if fixed_points.shape != moving_points.shape:
         raise InputError(
             f"{moving}: {len(moving_points)} landmarks, but {fixed} has {len(fixed_points)}"
@@ -76,8 +84,15 @@ def _landmarks(
     return {"count": len(fixed_points), "before_mm": before, "after_mm": after}
 
 
-def _dice(fixed: PathLike, moving: PathLike, transform: sitk.Transform, dim: int) -> dict[str, Any]:
-    fixed_labels, moving_labels = _read_labels(fixed, dim), _read_labels(moving, dim)
+def _dice(
+    fixed: PathLike,
+    moving: PathLike,
+    transform: sitk.Transform,
+    images: tuple[sitk.Image, sitk.Image],
+) -> dict[str, Any]:
+    dim = images[0].GetDimension()
+    fixed_labels = read_labels(fixed, images[0], "fixed")
+    moving_labels = read_labels(moving, images[1], "moving")
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     nearest = sitk.sitkNearestNeighbor
     return {
@@ -103,7 +118,14 @@ def assess_transform(
     with the transform) and the folding fraction of the transform sampled on the fixed grid.
     With landmarks: TRE (mm) before and after; with labels: Dice of the moving labels warped by
     nearest neighbour; with ``truth``: the dense-field error (mm) over the fixed voxels whose true
-    position lies inside the moving image.
+    position lies inside the moving image. Images read from one-slice 3-D files are scored in
+    their plane (a 3-D transform and 3-D landmarks are taken into it).
+
+    Raises:
+        InputError: an input ``read_image``, ``read_transform``, ``read_landmarks`` or
+            ``read_labels`` refuses (labels must lie on their image's grid), a transform of
+            another dimension, landmark files of different lengths, or only one file of a
+            fixed/moving pair.
     """
     with_landmarks = _pair(fixed_landmarks, moving_landmarks, "landmarks")
     with_labels = _pair(fixed_labels, moving_labels, "labels")
@@ -113,7 +135,7 @@ def assess_transform(
         raise InputError(
             f"{moving}: {moving_image.GetDimension()}-D but the fixed image is {dim}-D"
         )
-    mapping = _read_mapping(transform, dim)
+    mapping = _read_mapping(transform, fixed_image, moving_image)
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     before = sitk.Resample(moving_image, fixed_image, identity, sitk.sitkLinear, 0.0)
     after = sitk.Resample(moving_image, fixed_image, mapping, sitk.sitkLinear, 0.0)
@@ -127,11 +149,13 @@ def assess_transform(
         ),
     }
     if with_landmarks:
-        metrics["landmarks"] = _landmarks(fixed_landmarks, moving_landmarks, mapping, dim)
+        images = (fixed_image, moving_image)
+        metrics["landmarks"] = _landmarks(fixed_landmarks, moving_landmarks, mapping, images)
     if with_labels:
-        metrics["dice"] = _dice(fixed_labels, moving_labels, mapping, dim)
+        images = (fixed_image, moving_image)
+        metrics["dice"] = _dice(fixed_labels, moving_labels, mapping, images)
     if truth is not None:
-        true_mapping = _read_mapping(truth, dim)
+        true_mapping = _read_mapping(truth, fixed_image, moving_image)
         inside = overlap_mask(true_mapping, fixed_image, moving_image)
         metrics["field_error_mm"] = dense_field_error(mapping, true_mapping, fixed_image, inside)
     return metrics

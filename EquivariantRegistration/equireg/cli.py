@@ -1,21 +1,49 @@
 """The ``equireg`` command (README, docs/errors.md): argument parsing, progress and exit codes only.
 
-Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the file and the
-problem), 3 runtime failure. ``--debug`` shows tracebacks.
+Exit codes, for every subcommand: 0 success, 2 bad input or usage (one line on stderr naming
+the file or option and the problem), 3 runtime failure (one line), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); both clean up staged outputs. ``--debug`` adds the traceback and
+keeps the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import json
+import os
+import shutil
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from .errors import InputError
+from .errors import InputError, RegistrationFailure
 from .options import RUN_OPTIONS
 
 EXIT_OK, EXIT_INPUT, EXIT_FAILURE = 0, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that ``finally`` blocks clean up as on Ctrl-C."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option (``--help`` has the rest)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"equireg: error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _progress_printer(
@@ -48,23 +76,33 @@ def _progress_printer(
 
 
 def _register(args: argparse.Namespace) -> int:
-    from .api import register
-    from .outputs import check_output_dir
+    from .outputs import OutputFolder
+    from .validate import check_run_options
 
-    output_dir = check_output_dir(args.output_dir)
-    progress, close = _progress_printer(args.progress)
-    try:
-        result = register(
-            args.fixed,
-            args.moving,
-            fixed_mask=args.fixed_mask,
-            moving_mask=args.moving_mask,
-            progress=progress,
-            **{option.name: getattr(args, option.name) for option in RUN_OPTIONS},
-        )
-        outputs = result.save(output_dir)
-    finally:
-        close()
+    options = {option.name: getattr(args, option.name) for option in RUN_OPTIONS}
+    check_run_options(**options)
+    inputs = {
+        "fixed": args.fixed,
+        "moving": args.moving,
+        "fixed mask": args.fixed_mask,
+        "moving mask": args.moving_mask,
+    }
+    with OutputFolder(args.output_dir, inputs) as folder:
+        from .api import register
+
+        progress, close = _progress_printer(args.progress)
+        try:
+            result = register(
+                args.fixed,
+                args.moving,
+                fixed_mask=args.fixed_mask,
+                moving_mask=args.moving_mask,
+                progress=progress,
+                **options,
+            )
+            outputs = result.save(folder.path)
+        finally:
+            close()
     if args.progress == "json":
         print(json.dumps({"stage": "done", "progress": 1.0, "outputs": outputs}), flush=True)
     else:
@@ -78,24 +116,30 @@ def _register(args: argparse.Namespace) -> int:
 def _warp(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from .io import read_transform, write_image
+    from .io import quiet_output, read_any, read_transform, write_image
 
-    def read(path: str, what: str) -> sitk.Image:
-        try:
-            return sitk.ReadImage(path)
-        except RuntimeError:
-            raise InputError(f"{path}: cannot read the {what} image") from None
-
-    image, reference = read(args.image, "input"), read(args.reference, "reference")
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"{output}: -o is a folder; give the output image's file name")
+    image = read_any(args.image, "an image")
+    reference = read_any(args.reference, "a reference image")
     transform = read_transform(args.transform)
-    if image.GetDimension() != transform.GetDimension():
-        raise InputError(
-            f"{args.transform}: {transform.GetDimension()}-D transform for a "
-            f"{image.GetDimension()}-D image"
-        )
+    for path, what, dim in (
+        (args.image, "image", image.GetDimension()),
+        (args.reference, "reference image", reference.GetDimension()),
+    ):
+        if dim != transform.GetDimension():
+            raise InputError(
+                f"{path}: {dim}-D {what}, but {args.transform} is a "
+                f"{transform.GetDimension()}-D transform"
+            )
     interpolator = sitk.sitkNearestNeighbor if args.interpolation == "nearest" else sitk.sitkLinear
-    warped = sitk.Resample(image, reference, transform, interpolator, 0.0)
-    write_image(warped, args.output)
+    try:
+        with quiet_output():
+            warped = sitk.Resample(image, reference, transform, interpolator, 0.0)
+    except RuntimeError as error:
+        raise InputError(f"{args.image}: cannot be resampled ({_first_line(error)})") from None
+    write_image(warped, output)
     print(f"warped: {args.output}")
     return EXIT_OK
 
@@ -139,14 +183,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         metrics["equivariance"] = model_equivariance(
             args.fixed, args.moving, args.equivariance, args.shift, args.device
         )
-    text = json.dumps(metrics, indent=2)
-    if args.output is not None:
-        from .io import atomic_write
+    from .outputs import json_safe
 
-        try:
-            atomic_write(args.output, lambda path: Path(path).write_text(text + "\n"))
-        except OSError as error:
-            raise InputError(f"{args.output}: cannot be written ({error.strerror})") from None
+    text = json.dumps(json_safe(metrics), indent=2, allow_nan=False)
+    if args.output is not None:
+        from .io import write_text
+
+        write_text(text + "\n", args.output)
     print(text)
     return EXIT_OK
 
@@ -174,7 +217,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="equireg", description="Equivariant deep image registration (fixed ← moving)."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -190,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             reg.add_argument(
                 option.flag,
-                type=option.kind,
+                type=_refine_steps if option.name == "refine_steps" else option.kind,
                 default=option.default,
                 choices=option.choices,
                 help=option.help,
@@ -232,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="register the bundled sample pair(s)")
     demo.add_argument("-o", "--output-dir", default="demo-output")
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--refine-steps", type=int, default=None)
+    demo.add_argument("--refine-steps", type=_refine_steps, default=None)
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train (or continue training) a model")
@@ -245,23 +288,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _refine_steps(text: str) -> int:
+    """``--refine-steps``: a whole number in 0..MAX_REFINE_STEPS (argparse names the option)."""
+    from .validate import MAX_REFINE_STEPS
+
     try:
-        return args.run(args)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_REFINE_STEPS:
+        raise argparse.ArgumentTypeError(f"{value}: must be between 0 and {MAX_REFINE_STEPS}")
+    return value
+
+
+def _inductor_cache() -> Path:
+    """The folder torch's compiler cache defaults to (created when ``torch.optim`` loads)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return Path(tempfile.gettempdir()) / f"torchinductor_{user}"
+
+
+@contextlib.contextmanager
+def _no_empty_inductor_cache() -> Iterator[None]:
+    """Remove torch's compiler-cache folder afterwards when this run created it and left it
+    empty (nothing here compiles; only importing ``torch.optim`` makes it)."""
+    cache = _inductor_cache()
+    existed = cache.exists()
+    try:
+        yield
+    finally:
+        if not existed and cache.is_dir() and not any(p.is_file() for p in cache.rglob("*")):
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``equireg`` command; returns its exit code (docs/errors.md)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, already printed as one line
+        return int(done.code or 0)
+    previous = None
+    with contextlib.suppress(ValueError):  # only the main thread may set signal handlers
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with _no_empty_inductor_cache():
+            return args.run(args)
     except InputError as error:
-        if args.debug:
-            raise
-        print(f"equireg: error: {error}", file=sys.stderr)
-        return EXIT_INPUT
+        return _fail(args, f"equireg: error: {_first_line(error)}", EXIT_INPUT)
+    except RegistrationFailure as error:
+        return _fail(args, f"equireg: failed: {_first_line(error)}", EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("equireg: cancelled", file=sys.stderr)
-        return 130
+        return _fail(args, "equireg: cancelled", EXIT_INTERRUPTED)
+    except Terminated:
+        return _fail(args, "equireg: terminated", EXIT_TERMINATED)
     except Exception as error:  # noqa: BLE001 - one line for users, traceback with --debug
-        if args.debug:
-            raise
-        print(f"equireg: failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(
+            args, f"equireg: failed: {type(error).__name__}: {_first_line(error)}", EXIT_FAILURE
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(args: argparse.Namespace, line: str, code: int) -> int:
+    """Print the one line (after the traceback with ``--debug``) and return ``code``."""
+    if args.debug:
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -223,3 +223,175 @@ def resample_isotropic(
     return sitk.Resample(
         image, grid.reference_image(), sitk.Transform(), interpolator, float(fill), sitk.sitkFloat32
     )
+
+
+# --- One-slice 3-D images -------------------------------------------------------------------
+# A 3-D image with one voxel along one axis (a slice saved by Slicer, any orientation) is
+# registered as a 2-D image in its plane; its outputs are lifted back onto the slice's 3-D
+# geometry (docs/errors.md, "One-slice 3-D images").
+
+
+@dataclass(frozen=True)
+class SlicePlane:
+    """The plane of a one-slice 3-D grid and its in-plane frame.
+
+    In-plane coordinates ``q`` (2-D, mm) are the 3-D LPS point ``centre + basis @ q``. The
+    ``basis`` (3×2, orthonormal) is the two world axes least aligned with the plane's
+    ``normal``, projected onto the plane (Gram–Schmidt), and ``centre`` is the plane's point
+    nearest the world origin: an axial slice's in-plane coordinates are its x and y, and
+    parallel slices (any offset along the normal) share in-plane coordinates.
+    """
+
+    grid: Grid  # the 3-D grid, one axis of size 1
+    axis: int  # that axis (ITK order)
+    normal: np.ndarray  # (3,), sign: its largest component is positive
+    basis: np.ndarray  # (3, 2)
+    centre: np.ndarray  # (3,)
+
+    @classmethod
+    def of(cls, grid: Grid) -> SlicePlane | None:
+        """The plane of ``grid`` when it is 3-D with exactly one size-1 axis, else ``None``."""
+        if grid.dim != 3 or [s == 1 for s in grid.size].count(True) != 1:
+            return None
+        axis = grid.size.index(1)
+        inplane = [a for a in range(3) if a != axis]
+        columns = grid.direction_matrix[:, inplane]
+        normal = np.cross(columns[:, 0], columns[:, 1])
+        normal /= np.linalg.norm(normal)
+        dominant = int(np.argmax(np.abs(normal)))
+        normal *= np.sign(normal[dominant])
+        basis = []
+        for world in (a for a in range(3) if a != dominant):
+            vector = np.eye(3)[world] - (np.eye(3)[world] @ normal) * normal
+            for previous in basis:
+                vector -= (vector @ previous) * previous
+            basis.append(vector / np.linalg.norm(vector))
+        centre = normal * float(normal @ np.asarray(grid.origin))
+        return cls(grid, axis, normal, np.stack(basis, axis=1), centre)
+
+    @property
+    def in_plane_axes(self) -> tuple[int, int]:
+        first, second = (a for a in range(3) if a != self.axis)
+        return first, second
+
+    def in_plane_grid(self) -> Grid:
+        """The 2-D grid of the slice in in-plane coordinates (same voxels, same order)."""
+        axes = list(self.in_plane_axes)
+        direction = self.basis.T @ self.grid.direction_matrix[:, axes]
+        origin = self.basis.T @ (np.asarray(self.grid.origin) - self.centre)
+        return Grid(
+            tuple(self.grid.size[a] for a in axes),
+            tuple(self.grid.spacing[a] for a in axes),
+            tuple(float(v) for v in origin),
+            tuple(float(v) for v in direction.flatten()),
+        )
+
+    def lift_grid(self, grid: Grid) -> Grid:
+        """A 2-D grid in in-plane coordinates as a one-slice 3-D grid on this plane (the size-1
+        axis, its spacing and direction column as in this slice's own grid)."""
+        axes = self.in_plane_axes
+        direction = self.grid.direction_matrix.copy()
+        direction[:, list(axes)] = self.basis @ grid.direction_matrix
+        size, spacing = list(self.grid.size), list(self.grid.spacing)
+        for source, target in enumerate(axes):
+            size[target], spacing[target] = grid.size[source], grid.spacing[source]
+        origin = self.centre + self.basis @ np.asarray(grid.origin)
+        return Grid(
+            tuple(size),
+            tuple(spacing),
+            tuple(float(v) for v in origin),
+            tuple(float(v) for v in direction.flatten()),
+        )
+
+    def to_plane(self, image: sitk.Image) -> sitk.Image:
+        """The one-slice 3-D ``image`` (on this plane's grid) as a 2-D image in its plane."""
+        values = np.squeeze(sitk.GetArrayFromImage(image), axis=2 - self.axis)
+        flat = sitk.GetImageFromArray(values, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        return self.in_plane_grid().stamp(flat)
+
+    def lift_image(self, image: sitk.Image) -> sitk.Image:
+        """A 2-D image in in-plane coordinates as a one-slice 3-D image on this plane."""
+        values = np.expand_dims(sitk.GetArrayFromImage(image), axis=2 - self.axis)
+        lifted = sitk.GetImageFromArray(values, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        return self.lift_grid(Grid.of(image)).stamp(lifted)
+
+
+def _linear_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, b)`` with ``T(q) = A q + b`` for a linear 2-D transform (from three points)."""
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0)))
+    columns = [np.asarray(transform.TransformPoint(tuple(e))) - origin for e in np.eye(2)]
+    return np.stack(columns, axis=1), origin
+
+
+def _lifted_field(field: sitk.Image, source: SlicePlane, target: SlicePlane) -> sitk.Image:
+    """A 2-D displacement image from ``source``'s to ``target``'s in-plane coordinates as a
+    one-slice 3-D displacement image (LPS mm) on ``source``'s plane."""
+    grid = Grid.of(field)
+    points = grid.physical_points()  # (ny, nx, 2) in-plane points q
+    moved = points + sitk.GetArrayFromImage(field)
+    lifted = (target.centre + moved @ target.basis.T) - (source.centre + points @ source.basis.T)
+    image = sitk.GetImageFromArray(
+        np.expand_dims(lifted, axis=2 - source.axis).astype(np.float64), isVector=True
+    )
+    return source.lift_grid(grid).stamp(image)
+
+
+def lift_transform(
+    transform: sitk.Transform, source: SlicePlane, target: SlicePlane, between: SlicePlane
+) -> sitk.Transform:
+    """A 2-D transform from ``source``'s in-plane coordinates to ``target``'s as a 3-D transform.
+
+    Points of the source plane go where the 2-D transform sends them, on the target plane; a
+    point off the source plane by ``h`` mm goes ``h`` mm off the target plane (linear parts).
+    The components of a composite pass through ``between``'s in-plane coordinates. Displacement
+    fields become one-slice 3-D fields (their out-of-plane component is the planes' offset);
+    linear transforms become 3-D affine transforms.
+    """
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        count = composite.GetNumberOfTransforms()
+        parts = []
+        for k in range(count):  # the last added is applied first
+            first, last = k == count - 1, k == 0
+            parts.append(
+                lift_transform(
+                    composite.GetNthTransform(k),
+                    source if first else between,
+                    target if last else between,
+                    between,
+                )
+            )
+        return sitk.CompositeTransform(parts)
+    if transform.GetName() == "DisplacementFieldTransform":
+        field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+        return sitk.DisplacementFieldTransform(_lifted_field(field, source, target))
+    linear, offset = _linear_parts(transform)
+    matrix = target.basis @ linear @ source.basis.T + np.outer(target.normal, source.normal)
+    translation = target.centre + target.basis @ offset - matrix @ source.centre
+    return sitk.AffineTransform(matrix.flatten().tolist(), translation.tolist())
+
+
+def lift_displacement(field: sitk.Image, source: SlicePlane, target: SlicePlane) -> sitk.Image:
+    """A 2-D displacement image (in-plane mm, ``q ↦ q + u(q)`` from ``source``'s plane to
+    ``target``'s) as a one-slice 3-D displacement image in LPS mm on ``source``'s plane."""
+    return _lifted_field(field, source, target)
+
+
+def restrict_transform(
+    transform: sitk.Transform, source: SlicePlane, target: SlicePlane, grid: Grid
+) -> sitk.Transform:
+    """A 3-D transform (``source``'s plane to ``target``'s) as a 2-D displacement-field
+    transform between their in-plane coordinates, sampled on the 2-D ``grid`` (the inverse of
+    ``lift_transform`` where the 3-D transform maps the plane into the target plane)."""
+    points = grid.physical_points()
+    flat = points.reshape(-1, 2)
+    world = source.centre + flat @ source.basis.T
+    moved = np.array([transform.TransformPoint(tuple(p)) for p in world])
+    in_plane = (moved - target.centre) @ target.basis
+    field = sitk.GetImageFromArray((in_plane - flat).reshape(points.shape), isVector=True)
+    return sitk.DisplacementFieldTransform(grid.stamp(field))
+
+
+def points_to_plane(points: np.ndarray, plane: SlicePlane) -> np.ndarray:
+    """``(N, 3)`` LPS mm on (or near) ``plane`` -> ``(N, 2)`` in-plane coordinates."""
+    return (np.asarray(points, dtype=np.float64) - plane.centre) @ plane.basis

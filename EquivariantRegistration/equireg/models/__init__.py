@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,14 @@ class ModelCard:
 
     @property
     def weights_path(self) -> Path:
-        return self.path.parent / self.data["weights"]
+        """The weights file, which must lie in the card's own folder (a plain relative name)."""
+        relative = Path(str(self.data["weights"]))
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise InputError(
+                f"{self.path}: weights path {str(relative)!r} leaves the card's folder; "
+                "it must be a file name beside the card"
+            )
+        return self.path.parent / relative
 
 
 def sha256_of(path: Path) -> str:
@@ -68,7 +76,12 @@ def sha256_of(path: Path) -> str:
 
 
 def read_card(spec: str, dim: int | None = None) -> ModelCard:
-    """Resolve ``spec`` (``auto``, a preset name, or a path to weights or a card) to its card."""
+    """Resolve ``spec`` (``auto``, a preset name, or a path to weights or a card) to its card.
+
+    Raises:
+        InputError: no bundled model for ``dim``, unknown name, missing or invalid card, a
+            weights path outside the card's folder, or a model of another dimension.
+    """
     if spec == "auto":
         if dim not in PRESETS:
             raise InputError(f"model auto: no bundled model for {dim}-D images")
@@ -85,31 +98,66 @@ def read_card(spec: str, dim: int | None = None) -> ModelCard:
     try:
         card = ModelCard(card_path, json.loads(card_path.read_text()))
         _ = (card.name, card.dim, card.input_shape, card.preprocessing, card.architecture)
-    except (ValueError, KeyError, TypeError) as error:
+        _ = card.weights_path
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{card_path}: invalid model card ({error})") from None
     if dim is not None and card.dim != dim:
         raise InputError(f"model {card.name}: is a {card.dim}-D model but the images are {dim}-D")
     return card
 
 
+def _unpickling_reason(error: Exception) -> str:
+    """What torch refused, in one line, without its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    useful = [line for line in lines if "weights_only" not in line]
+    return (useful[0] if useful else type(error).__name__)[:200]
+
+
 def load_network(card: ModelCard) -> RegistrationStep:
-    """Build the card's architecture and load its weights (sha256 checked, weights_only)."""
+    """Build the card's architecture and load its weights: the card must name their sha256,
+    the file must match it, and it is read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        InputError: weights missing, no sha256 in the card, a sha256 mismatch, a file that
+            holds more than tensors (refused, never executed), or weights of another
+            architecture.
+    """
     from ..nn.builder import build
 
     weights = card.weights_path
     if not weights.is_file():
         raise InputError(f"{weights}: weights file of model {card.name} not found")
     expected = card.data.get("sha256")
-    if expected and sha256_of(weights) != expected:
+    if not isinstance(expected, str) or not expected.strip():
+        raise InputError(
+            f"{card.path}: model card has no sha256 of its weights; unchecked weights are not "
+            "loaded (add the file's sha256 to the card)"
+        )
+    if sha256_of(weights) != expected.strip().lower():
         raise InputError(
             f"{weights}: sha256 does not match the model card; the file is corrupt or was replaced"
         )
     network = build(card.architecture)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling error means refused weights
+        raise InputError(
+            f"{weights}: refused: not a plain tensor file ({_unpickling_reason(error)})"
+        ) from None
+    try:
         network.load_state_dict(state)
-    except Exception as error:  # noqa: BLE001 - any unpickling/shape error means bad weights
-        raise InputError(f"{weights}: cannot load weights into {card.name} ({error})") from None
+    except Exception as error:  # noqa: BLE001 - missing/unexpected keys, shape mismatches
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+        raise InputError(
+            f"{weights}: weights do not fit the {card.name} architecture of the card "
+            f"({detail[:160]})"
+        ) from None
     return network.eval()
 
 
