@@ -117,6 +117,7 @@ def _warp(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .io import quiet_output, read_any, read_transform, write_image
+    from .preprocess import background_value
 
     output = Path(args.output)
     if output.is_dir():
@@ -134,9 +135,14 @@ def _warp(args: argparse.Namespace) -> int:
                 f"{transform.GetDimension()}-D transform"
             )
     interpolator = sitk.sitkNearestNeighbor if args.interpolation == "nearest" else sitk.sitkLinear
+    # Padding as register's warped.nrrd: the image's background (−1024 HU for a CT), not 0.
+    fill = 0.0
+    complex_pixels = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+    if image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() not in complex_pixels:
+        fill = background_value(sitk.GetArrayViewFromImage(image))
     try:
         with quiet_output():
-            warped = sitk.Resample(image, reference, transform, interpolator, 0.0)
+            warped = sitk.Resample(image, reference, transform, interpolator, fill)
     except RuntimeError as error:
         raise InputError(f"{args.image}: cannot be resampled ({_first_line(error)})") from None
     write_image(warped, output)
