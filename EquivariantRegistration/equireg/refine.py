@@ -54,7 +54,6 @@ QUALITY = {
     "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
 }
 
-DIFFUSION_WEIGHT = 2.0  # similarity + this × mean ‖∇u‖²_F (dimensionless)
 LEARNING_RATE = 0.5  # Adam step, in voxels of the level
 FINEST_STEPS = 0.5  # the finest (costliest) level runs this fraction of the steps
 
@@ -265,7 +264,7 @@ def optimise_level(
             displacement = start + scale * _smooth(residual, quality.smoothing)
             warped, inside = level.moving(level.points + displacement)
             loss = similarity.loss(warped, level.fixed, level.weight * inside)
-            loss = loss + DIFFUSION_WEIGHT * diffusion_mm(displacement, level.grid)
+            loss = loss + similarity.diffusion_weight * diffusion_mm(displacement, level.grid)
             loss.backward()
             optimiser.step()
             report_step(step)

@@ -142,11 +142,17 @@ def nmi_similarity(
 
 @dataclass(frozen=True)
 class Similarity:
-    """A registered measure: ``value(a, b, weight)`` (higher is better) and its loss."""
+    """A registered measure: ``value(a, b, weight)`` (higher is better) and its loss.
+
+    ``diffusion_weight`` is the refinement's regulariser weight for this measure (its gradients
+    have their own scale), chosen on the Testing/ cases: ``refine.py`` minimises
+    ``loss + diffusion_weight · mean ‖∇u‖²``.
+    """
 
     name: str
     value: Callable[..., Tensor]
     description: str
+    diffusion_weight: float
 
     def loss(self, a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
         return -self.value(a, b, weight)
@@ -160,10 +166,10 @@ class Similarity:
 SIMILARITIES: dict[str, Similarity] = {
     s.name: s
     for s in (
-        Similarity("lncc", lncc_similarity, "local normalised cross-correlation (one modality)"),
-        Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)"),
-        Similarity("nmi", nmi_similarity, "normalised mutual information (multimodal)"),
-        Similarity("mse", mse_similarity, "negated mean squared difference (same intensities)"),
+        Similarity("lncc", lncc_similarity, "local normalised cross-correlation", 2.0),
+        Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)", 0.2),
+        Similarity("nmi", nmi_similarity, "normalised mutual information (multimodal)", 0.5),
+        Similarity("mse", mse_similarity, "negated mean squared difference", 0.1),
     )
 }
 
