@@ -69,3 +69,13 @@ def test_gradients_match_finite_differences(name: str) -> None:
     assert torch.autograd.gradcheck(
         lambda a: similarity.loss(a, fixed), (moving,), eps=1e-6, atol=1e-5, rtol=1e-3
     )
+
+
+@pytest.mark.parametrize("name", list(SIMILARITIES))
+def test_binding_the_fixed_image_gives_the_same_value(name: str) -> None:
+    fixed, moving = _image((20, 24, 16), seed=1), _image((20, 24, 16), seed=2)
+    weight = (torch.rand_like(fixed) > 0.3).float()
+    similarity = get(name)
+    bound = similarity.bind(fixed)
+    for w in (None, weight):
+        assert float(bound(moving, w)) == pytest.approx(float(similarity.value(moving, fixed, w)))

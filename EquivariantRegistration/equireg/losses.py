@@ -59,28 +59,45 @@ def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def _window(window: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    sizes = (window,) * dims if isinstance(window, int) else tuple(window)
+    if len(sizes) != dims or any(w < 1 or w % 2 == 0 for w in sizes):
+        raise ValueError(f"lncc window must be {dims} odd sizes, got {window!r}")
+    return sizes
+
+
+def local_moments(
+    b: torch.Tensor, window: int | Sequence[int] = 5, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``local_correlation`` needs of its second image ``b`` ``(B, C, *S)``: ``b`` less
+    its global mean, its local mean and its local variance (+ ``eps``). Computed once, they
+    serve every step of an optimisation against a fixed image."""
+    sizes = _window(window, b.dim() - 2)
+    b = b - b.mean(dim=tuple(range(2, b.dim())), keepdim=True)
+    mean_b, mean_bb = box_mean(torch.cat([b, b * b], dim=1), sizes).split(b.shape[1], dim=1)
+    return b, mean_b, (mean_bb - mean_b * mean_b).clamp(min=0) + eps
+
+
 def local_correlation(
-    a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 5, eps: float = 1e-5
+    a: torch.Tensor,
+    b: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    window: int | Sequence[int] = 5,
+    eps: float = 1e-5,
 ) -> torch.Tensor:
     """Local normalised cross-correlation of ``a`` and ``b`` ``(B, C, *S)`` per voxel, same shape.
 
     The correlation is taken over a box of odd ``window`` voxels (one size or one per axis)
     around each voxel, the box cropped at the border; ``eps`` is added to each local variance,
     so windows where either image is flat count as uncorrelated instead of dividing by zero.
+    ``b`` may also be its ``local_moments`` (same ``window`` and ``eps``).
     """
-    dims = a.dim() - 2
-    sizes = (window,) * dims if isinstance(window, int) else tuple(window)
-    if len(sizes) != dims or any(w < 1 or w % 2 == 0 for w in sizes):
-        raise ValueError(f"lncc window must be {dims} odd sizes, got {window!r}")
-    spatial = tuple(range(2, a.dim()))
+    sizes = _window(window, a.dim() - 2)
+    b, mean_b, var_b = local_moments(b, sizes, eps) if isinstance(b, torch.Tensor) else b
     # Removing each image's global mean first avoids cancellation in E[a²] − E[a]² (float32).
-    a = a - a.mean(dim=spatial, keepdim=True)
-    b = b - b.mean(dim=spatial, keepdim=True)
-    channels = a.shape[1]
-    moments = box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), sizes)
-    mean_a, mean_b, mean_aa, mean_bb, mean_ab = moments.split(channels, dim=1)
+    a = a - a.mean(dim=tuple(range(2, a.dim())), keepdim=True)
+    moments = box_mean(torch.cat([a, a * a, a * b], dim=1), sizes)
+    mean_a, mean_aa, mean_ab = moments.split(a.shape[1], dim=1)
     var_a = (mean_aa - mean_a * mean_a).clamp(min=0) + eps
-    var_b = (mean_bb - mean_b * mean_b).clamp(min=0) + eps
     covariance = mean_ab - mean_a * mean_b
     return covariance / torch.sqrt(var_a * var_b)
 

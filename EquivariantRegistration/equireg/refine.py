@@ -258,12 +258,13 @@ def optimise_level(
     residual = torch.zeros_like(start, requires_grad=True)
     optimiser = torch.optim.Adam([residual], lr=LEARNING_RATE)
     before = score(level, start, similarity)
+    against_fixed = similarity.bind(level.fixed)
     with torch.enable_grad():
         for step in range(steps):
             optimiser.zero_grad(set_to_none=True)
             displacement = start + scale * _smooth(residual, quality.smoothing)
             warped, inside = level.moving(level.points + displacement)
-            loss = similarity.loss(warped, level.fixed, level.weight * inside)
+            loss = -against_fixed(warped, level.weight * inside)
             loss = loss + similarity.diffusion_weight * diffusion_mm(displacement, level.grid)
             loss.backward()
             optimiser.step()

@@ -23,7 +23,7 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from .losses import box_mean, local_correlation
+from .losses import box_mean, local_correlation, local_moments
 
 Tensor = torch.Tensor
 
@@ -40,6 +40,11 @@ def lncc_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None, window: 
     up to local affine intensity changes). Avants et al., "Symmetric diffeomorphic image
     registration with cross-correlation", Medical Image Analysis 12(1), 2008."""
     return _weighted_mean(local_correlation(a, b, window), weight)
+
+
+def _bind_lncc(b: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
+    moments = local_moments(b)
+    return lambda a, weight=None: _weighted_mean(local_correlation(a, moments), weight)
 
 
 def mse_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -97,8 +102,17 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
 def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
     """``1 − mean squared difference of MIND-SSC descriptors`` (``mind_ssc``), for pairs of
     different modalities (T1/T2, CT/MR)."""
-    difference = (mind_ssc(a) - mind_ssc(b)).pow(2).mean(dim=1, keepdim=True)
-    return 1 - _weighted_mean(difference, weight)
+    return _bind_mind(b)(a, weight)
+
+
+def _bind_mind(b: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
+    descriptors = mind_ssc(b)
+
+    def value(a: Tensor, weight: Tensor | None = None) -> Tensor:
+        difference = (mind_ssc(a) - descriptors).pow(2).mean(dim=1, keepdim=True)
+        return 1 - _weighted_mean(difference, weight)
+
+    return value
 
 
 NMI_BINS = 32
@@ -153,6 +167,15 @@ class Similarity:
     value: Callable[..., Tensor]
     description: str
     diffusion_weight: float
+    binder: Callable[[Tensor], Callable[[Tensor, Tensor | None], Tensor]] | None = None
+
+    def bind(self, fixed: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """``value`` against one fixed image, with what depends on it alone computed once:
+        ``bind(b)(a, weight) == value(a, b, weight)`` (LNCC's local moments, MIND's
+        descriptors), for optimisations that compare many warped images with one fixed."""
+        if self.binder is not None:
+            return self.binder(fixed)
+        return lambda a, weight=None: self.value(a, fixed, weight)
 
     def loss(self, a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
         return -self.value(a, b, weight)
@@ -166,8 +189,8 @@ class Similarity:
 SIMILARITIES: dict[str, Similarity] = {
     s.name: s
     for s in (
-        Similarity("lncc", lncc_similarity, "local normalised cross-correlation", 2.0),
-        Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)", 0.2),
+        Similarity("lncc", lncc_similarity, "local normalised cross-correlation", 2.0, _bind_lncc),
+        Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)", 0.2, _bind_mind),
         Similarity("nmi", nmi_similarity, "normalised mutual information (multimodal)", 0.5),
         Similarity("mse", mse_similarity, "negated mean squared difference", 0.1),
     )
