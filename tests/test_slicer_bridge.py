@@ -37,7 +37,6 @@ from slicer_support import (
 from equireg.cli import build_parser
 from equireg.io import read_image
 from equireg.options import RUN_OPTIONS
-from equireg.outputs import OUTPUT_FILES
 
 SHIFT_LPS = np.array([3.2, -2.1, 1.7])  # the known translation: fixed point x ↦ moving x + t
 
@@ -464,10 +463,6 @@ def test_linear_interpolation_survives_saving_and_reloading_the_scene(
     )
 
 
-def test_output_file_names_are_the_engines() -> None:
-    assert mrml_bridge.OUTPUT_FILES == OUTPUT_FILES
-
-
 def test_failed_import_leaves_the_scene_unchanged(scene, shifted_pair, tmp_path: Path) -> None:
     fixed, moving, fixed_image, moving_image = shifted_pair
     transform = shift_transform("translation", SHIFT_LPS, fixed_image)
@@ -512,24 +507,6 @@ def assert_one_slice_result(outputs, fixed, moving) -> None:
     np.testing.assert_allclose(
         moved[interior], node_array(outputs.warped).ravel()[interior], atol=1e-3
     )
-
-
-def test_2d_engine_outputs_are_placed_on_the_fixed_slice_without_reading_the_2d_transform(
-    scene, tmp_path: Path
-) -> None:
-    """An engine that writes 2-D outputs for a one-slice input (2-D field with two LPS
-    components at z = 0, 2-D transform.h5): Slicer 5.10 cannot read that transform, so the
-    bridge builds the transform node from the field, placed on the fixed slice."""
-    fixed, moving, inputs = one_slice_pair(scene, tmp_path)
-    fixed_image, moving_image = read_image(inputs.fixed), read_image(inputs.moving)
-    assert fixed_image.GetDimension() == 2  # what the engine of today sees
-    transform = shift_transform("field", SHIFT_LPS[:2], fixed_image)
-    folder = write_outputs(tmp_path / "output", fixed_image, moving_image, transform)
-    (folder / "transform.h5").write_bytes(b"not read")  # as 5.10 would fail to read it
-
-    outputs = mrml_bridge.import_results(folder, fixed, moving)
-    assert_one_slice_result(outputs, fixed, moving)
-    assert outputs.transform.GetTransformFromParent().GetInterpolationMode() == 1  # linear
 
 
 def test_3d_one_slice_engine_outputs_are_imported_as_they_are(scene, tmp_path: Path) -> None:

@@ -12,10 +12,8 @@ measurement frame, so Slicer would load them raw; the bridge turns them into RAS
 as spatial, as Slicer's own "Convert to displacement field" does, and Slicer's writer saves
 them back as LPS (an ITK/ANTs field again).
 
-Slicer 5.10 reads only 3-D ITK transforms. For a one-slice input the engine writes 3-D
-one-slice outputs; an engine that still writes 2-D outputs for it is handled too: its field
-(two LPS components, at z = 0) is placed on the fixed slice and the transform node is built
-from that field instead of reading the 2-D ``transform.h5``.
+Slicer 5.10 reads only 3-D ITK transforms; for a one-slice input (every 2-D image exported
+from Slicer is one) the engine writes 3-D one-slice outputs, so every file here is 3-D.
 """
 
 from __future__ import annotations
@@ -36,6 +34,8 @@ import slicer
 import vtk
 from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
+from equireg.options import OUTPUT_FILES
+
 from .engine import (
     EngineInputs,
     EngineProcess,
@@ -48,14 +48,6 @@ from .engine import (
 # Slicer's roles for the inputs of a registration result ("spatialRegistrationFixed/Moving").
 FIXED_VOLUME_ROLE = slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()
 MOVING_VOLUME_ROLE = slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()
-# The engine's output files (the same names as ``equireg.outputs.OUTPUT_FILES``; a test checks).
-OUTPUT_FILES = {
-    "transform": "transform.h5",
-    "displacement": "displacement.nrrd",
-    "warped": "warped.nrrd",
-    "report": "report.json",
-    "inverse_transform": "inverse_transform.h5",
-}
 # A transform node attribute: its displacement grids are interpolated linearly. Slicer's
 # transform reader sets cubic interpolation; ``restore_linear_interpolation`` re-applies
 # linear after a scene is loaded.
@@ -219,65 +211,30 @@ def restore_linear_interpolation(scene: Any) -> int:
     return changed
 
 
-def _place_on_fixed_slice(matrix: vtk.vtkMatrix4x4, fixed_world: vtk.vtkMatrix4x4) -> None:
-    """A 2-D result read from file sits at z = 0; put it on the fixed slice (its plane and
-    slice axis), where the engine computed it."""
-    for row in range(3):
-        matrix.SetElement(row, 2, fixed_world.GetElement(row, 2))
-    matrix.SetElement(2, 3, fixed_world.GetElement(2, 3))
-
-
 def _new_node(scene: Any, class_name: str, name: str) -> Any:
     return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
 
 
-def _is_2d_output(field: Any) -> bool:
-    """The engine wrote 2-D outputs (a one-slice input, engines before 3-D one-slice outputs):
-    its field has two vector components."""
-    return field.GetImageData().GetNumberOfScalarComponents() == 2
-
-
-def _fill_volume(target: Any, source: Any, fixed_world: vtk.vtkMatrix4x4, flat: bool) -> None:
+def _fill_volume(target: Any, source: Any) -> None:
     matrix = vtk.vtkMatrix4x4()
     source.GetIJKToRASMatrix(matrix)
-    if flat:
-        _place_on_fixed_slice(matrix, fixed_world)
     target.SetAndObserveImageData(source.GetImageData())
     target.SetIJKToRASMatrix(matrix)
     target.CreateDefaultDisplayNodes()
 
 
 def _ras_vectors(field: Any) -> vtk.vtkImageData:
-    """The LPS displacement vectors of a volume read from ``displacement.nrrd`` (2 or 3
-    components, read raw since the file has no measurement frame) as 3-component RAS vectors."""
+    """The LPS displacement vectors of a volume read from ``displacement.nrrd`` (read raw,
+    since the file has no measurement frame) as RAS vectors."""
     image = field.GetImageData()
-    components = image.GetNumberOfScalarComponents()
-    lps = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(-1, components)
-    ras = np.zeros((lps.shape[0], 3), dtype=lps.dtype)
-    ras[:, :2] = -lps[:, :2]
-    if components == 3:
-        ras[:, 2] = lps[:, 2]
+    lps = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(-1, 3)
+    ras = lps * np.array([-1, -1, 1], dtype=lps.dtype)
     converted = vtk.vtkImageData()
     converted.SetDimensions(image.GetDimensions())
     vectors = numpy_to_vtk(ras, deep=True)
     vectors.SetName("displacement")
     converted.GetPointData().SetScalars(vectors)
     return converted
-
-
-def _grid_transform(field: Any) -> vtk.vtkAbstractTransform:
-    """The fixed → moving transform of a displacement volume (RAS vectors, spatial): ``x ↦ x +
-    u(x)`` on the volume's grid, as ITK's DisplacementFieldTransform of the same field."""
-    matrix = vtk.vtkMatrix4x4()
-    field.GetIJKToRASDirectionMatrix(matrix)
-    grid = vtk.vtkImageData()
-    grid.DeepCopy(field.GetImageData())  # the transform stays if the volume is edited
-    grid.SetOrigin(field.GetOrigin())
-    grid.SetSpacing(field.GetSpacing())
-    transform = slicer.vtkOrientedGridTransform()
-    transform.SetDisplacementGridData(grid)
-    transform.SetGridDirectionMatrix(matrix)
-    return transform
 
 
 def import_results(
@@ -303,21 +260,15 @@ def import_results(
     loaded_warped = _read_volume(
         output_dir / OUTPUT_FILES["warped"], slicer.vtkMRMLScalarVolumeNode
     )
-    flat = _is_2d_output(loaded_field)
-    loaded_transform = None if flat else _read_transform(output_dir / OUTPUT_FILES["transform"])
+    loaded_transform = _read_transform(output_dir / OUTPUT_FILES["transform"])
     inverse_file = output_dir / OUTPUT_FILES["inverse_transform"]
-    loaded_inverse = _read_transform(inverse_file) if inverse_file.is_file() and not flat else None
+    loaded_inverse = _read_transform(inverse_file) if inverse_file.is_file() else None
     try:
         report = json.loads((output_dir / OUTPUT_FILES["report"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise BridgeError(f"{output_dir / OUTPUT_FILES['report']}: cannot be read") from None
 
-    fixed_world = world_ijk_to_ras(fixed)
     loaded_field.SetAndObserveImageData(_ras_vectors(loaded_field))
-    if flat and inverse_file.is_file():
-        report.setdefault("warnings", []).append(
-            f"{inverse_file.name} is a 2-D transform, which Slicer 5.10 cannot read: not loaded"
-        )
 
     # Nothing above changed the scene; from here on nothing can fail.
     scene = fixed.GetScene()
@@ -332,11 +283,10 @@ def import_results(
         name = f"{fixed.GetName()} to {moving.GetName()} inverse transform"
         inverse_transform = _new_node(scene, "vtkMRMLGridTransformNode", name)
 
-    _fill_volume(warped, loaded_warped, fixed_world, flat)
-    _fill_volume(displacement, loaded_field, fixed_world, flat)
+    _fill_volume(warped, loaded_warped)
+    _fill_volume(displacement, loaded_field)
     displacement.SetVoxelVectorType(slicer.vtkMRMLVolumeNode.VoxelVectorTypeSpatial)
-    result = _grid_transform(displacement) if flat else loaded_transform.GetTransformFromParent()
-    _set_result(transform, result, fixed, moving)
+    _set_result(transform, loaded_transform.GetTransformFromParent(), fixed, moving)
     if loaded_inverse is not None:
         _set_result(inverse_transform, loaded_inverse.GetTransformFromParent(), moving, fixed)
     return Outputs(transform, displacement, warped, report, inverse_transform)

@@ -1,6 +1,6 @@
-"""The options of one registration, registered once: the command line, ``register`` and the
-Slicer bridge all read this list (standard library only, so Slicer's GUI process can import it
-without torch).
+"""The options and output files of one registration, registered once: the command line,
+``register`` and the Slicer bridge all read these lists (standard library only, so Slicer's GUI
+process can import them without torch).
 
 Adding an option: one ``RunOption`` here (the command line gains ``--flag`` and the bridge
 passes it), one keyword of ``api.register`` that uses it, and, for the Slicer panel, one
@@ -85,3 +85,12 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
 )
 
 BY_NAME = {option.name: option for option in RUN_OPTIONS}
+
+# The files of one registration (``outputs.Result.save`` writes them, the Slicer bridge reads them).
+OUTPUT_FILES = {
+    "transform": "transform.h5",
+    "displacement": "displacement.nrrd",
+    "warped": "warped.nrrd",
+    "report": "report.json",
+    "inverse_transform": "inverse_transform.h5",
+}

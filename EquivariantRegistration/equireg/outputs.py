@@ -23,6 +23,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from .errors import InputError
+from .options import OUTPUT_FILES
 from .io import write_image, write_transform
 from .space import lift_displacement, lift_transform
 from .validate import slice_plane
@@ -32,13 +33,6 @@ try:  # Unix; on Windows the folder is not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-OUTPUT_FILES = {
-    "transform": "transform.h5",
-    "displacement": "displacement.nrrd",
-    "warped": "warped.nrrd",
-    "report": "report.json",
-    "inverse_transform": "inverse_transform.h5",
-}
 STAGING_PREFIX = ".equireg-"
 _HELD: dict[Path, int] = {}  # output folders this process has locked: folder -> descriptor
 
