@@ -177,3 +177,19 @@ def test_the_pyramid_reaches_the_fixed_spacing_within_the_budget() -> None:
         assert grids[0].spacing[0] == pytest.approx(coarsest, rel=0.05)  # sizes are rounded
     small = Grid((64, 48), (0.5, 0.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     assert pyramid(small, 512**2, 3)[-1].size == small.size
+
+
+def test_auto_similarity_takes_mind_for_two_modalities_and_lncc_for_one() -> None:
+    """The photograph against itself in inverted contrast (a T1/T2-like pair) is registered
+    with MIND to within two pixels of the same-contrast pair, which takes LNCC (measured:
+    0.045 mm against 0.004 mm; identity 0.48 mm; the network, trained on one contrast, is
+    rightly passed over for the identity start)."""
+    moving = sitk.ReadImage(str(RETINA.moving), sitk.sitkFloat32)
+    inverted = 255.0 - moving
+    same = equireg.api.register(str(RETINA.fixed), moving)
+    other = equireg.api.register(str(RETINA.fixed), inverted)
+    assert same.report["refinement"]["similarity"] == "lncc"
+    assert other.report["refinement"]["similarity"] == "mind"
+    assert other.report["refinement"]["similarity_choice"]["pearson_r"] < 0
+    reference = _landmark_error(RETINA, same.transform, moving)
+    assert _landmark_error(RETINA, other.transform, inverted) <= reference + 0.1

@@ -62,7 +62,7 @@ class _Options:
     """The checked run options (``options.RUN_OPTIONS``), with defaults resolved."""
 
     initial: str
-    similarity: Similarity
+    similarity: Similarity | None  # None: auto (refine.choose_similarity)
     quality: str
     steps: int
     field_grid: str
@@ -130,7 +130,7 @@ def _solve(
     image = grid.stamp(sitk.GetImageFromArray(values.astype(np.float64), isVector=True))
 
     level, zero = refined.level, torch.zeros_like(refined.displacement)
-    measures = {"lncc": get_similarity("lncc"), options.similarity.name: options.similarity}
+    measures = {"lncc": get_similarity("lncc"), refined.similarity.name: refined.similarity}
     quality: dict[str, Any] = {
         key: {name: level_score(level, field, m) for name, m in measures.items()}
         for key, field in (("similarity_before", zero), ("similarity_after", refined.displacement))
@@ -193,7 +193,7 @@ def register(
     model: str = "auto",
     device: str = "auto",
     initial: str = "none",
-    similarity: str = "lncc",  # noqa: A002 - the option's name (options.py)
+    similarity: str = "auto",
     quality: str = "balanced",
     refine_steps: int | None = None,
     fixed_mask: ImageLike | None = None,
@@ -209,9 +209,10 @@ def register(
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         initial: ``none``, or a ``translation``/``rigid``/``affine`` alignment in physical space
             before the network (``affine.align``), used as one of the refinement's starts.
-        similarity: ``lncc``, ``mind``, ``nmi`` or ``mse`` (``similarity.SIMILARITIES``): the
-            measure of the guarded start and the refinement (``mind``/``nmi`` across
-            modalities).
+        similarity: ``auto`` (``lncc``, or ``mind`` when the two images' intensities are not
+            linearly related: ``refine.choose_similarity``), ``lncc``, ``mind``, ``nmi`` or
+            ``mse`` (``similarity.SIMILARITIES``): the measure of the guarded start and the
+            refinement (``mind``/``nmi`` across modalities).
         quality: ``fast``, ``balanced`` or ``best`` (``refine.QUALITY``): the pyramid's finest
             voxel budget, levels and steps.
         refine_steps: steps per pyramid level (``None``: the quality preset's); 0 keeps the best
@@ -244,7 +245,8 @@ def register(
         inverse=inverse,
     )
     steps = QUALITY[quality].steps if refine_steps is None else refine_steps
-    options = _Options(initial, get_similarity(similarity), quality, steps, field_grid, inverse)
+    measure = None if similarity == "auto" else get_similarity(similarity)
+    options = _Options(initial, measure, quality, steps, field_grid, inverse)
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
     stage_list += (["refine"] if steps else []) + ["field", "warp"] + (["inverse"] * inverse)
     stages = Stages(progress, stage_list)
@@ -321,7 +323,7 @@ def register(
             backward.starts["network"] = lambda points: back.map(undo(points))
 
     if steps:
-        stages.enter("refine", f"refinement ({options.similarity.name}, {quality})")
+        stages.enter("refine", f"refinement ({similarity}, {quality})")
     displacement, refined, quality_report = _solve(
         forward,
         options,
@@ -368,7 +370,7 @@ def register(
         },
         "options": {
             "initial": initial,
-            "similarity": options.similarity.name,
+            "similarity": similarity,
             "quality": quality,
             "refine_steps": steps,
             "field_grid": field_grid,

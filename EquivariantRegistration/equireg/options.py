@@ -33,7 +33,7 @@ class RunOption:
         return "--" + self.name.replace("_", "-")
 
 
-SIMILARITIES = ("lncc", "mind", "nmi", "mse")
+SIMILARITIES = ("auto", "lncc", "mind", "nmi", "mse")
 QUALITIES = ("fast", "balanced", "best")
 
 RUN_OPTIONS: tuple[RunOption, ...] = (
@@ -49,9 +49,10 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption(
         "similarity",
         str,
-        "lncc",
-        "similarity of the refinement and the guarded start: lncc (same contrast), mind or nmi "
-        "(multimodal, e.g. T1/T2, CT/MR), mse (same intensities)",
+        "auto",
+        "similarity of the refinement and the guarded start: auto (lncc, or mind when the "
+        "intensities of the two images are not linearly related), lncc (one modality), mind or "
+        "nmi (two modalities, e.g. T1/T2, CT/MR), mse (same intensities)",
         SIMILARITIES,
     ),
     RunOption(

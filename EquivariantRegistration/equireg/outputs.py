@@ -23,8 +23,8 @@ from typing import Any
 import SimpleITK as sitk
 
 from .errors import InputError
-from .options import OUTPUT_FILES
 from .io import write_image, write_transform
+from .options import OUTPUT_FILES
 from .space import lift_displacement, lift_transform
 from .validate import slice_plane
 

@@ -202,3 +202,31 @@ def get(name: str) -> Similarity:
     if name not in SIMILARITIES:
         raise KeyError(f"unknown similarity {name!r}; one of {', '.join(SIMILARITIES)}")
     return SIMILARITIES[name]
+
+
+def intensity_relation(
+    a: Tensor, b: Tensor, weight: Tensor | None = None, bins: int = 32
+) -> tuple[float, float]:
+    """How ``b`` depends on ``a``: Pearson's ``r`` and the correlation ratio ``η²(b | a)``.
+
+    ``r²`` measures a linear (same-modality) relation, ``η²`` any functional one (Roche et al.,
+    "The correlation ratio as a new similarity measure for multimodal image registration",
+    MICCAI 1998); a pair of one modality has ``r`` close to ``√η²`` and positive, a pair of
+    two modalities (T1/T2 contrast inversions, CT/MR) a negative or much smaller ``r``.
+    ``a`` is binned into ``bins`` intensity bins over [0, 1].
+    """
+    with torch.no_grad():
+        values_a, values_b = a.reshape(-1).double(), b.reshape(-1).double()
+        w = torch.ones_like(values_a) if weight is None else weight.expand_as(a).reshape(-1)
+        w = w.double()
+        total = w.sum().clamp(min=1e-12)
+        mean_a, mean_b = (w * values_a).sum() / total, (w * values_b).sum() / total
+        da, db = values_a - mean_a, values_b - mean_b
+        var_a, var_b = (w * da * da).sum() / total, (w * db * db).sum() / total
+        r = float((w * da * db).sum() / total / torch.sqrt(var_a * var_b).clamp(min=1e-12))
+        index = (values_a.clamp(0, 1) * (bins - 1)).round().long()
+        count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, w)
+        sums = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, w * values_b)
+        means = sums / count.clamp(min=1e-12)
+        explained = (count * (means - mean_b) ** 2).sum() / total
+        return r, float(explained / var_b.clamp(min=1e-12))
