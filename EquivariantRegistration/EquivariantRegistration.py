@@ -356,7 +356,8 @@ class EquivariantRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         report = outputs.report
         for warning in report.get("warnings", []):
             self._log(f"Warning: {warning}")
-        similarity = parameters.similarity
+        # The measure that ran (``auto`` names the one it chose in the refinement's report).
+        similarity = report.get("refinement", {}).get("similarity", parameters.similarity)
         before = report.get("similarity_before", {}).get(similarity)
         after = report.get("similarity_after", {}).get(similarity)
         self._log(
