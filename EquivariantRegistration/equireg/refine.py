@@ -81,14 +81,15 @@ def pyramid(fixed: Grid, budget: int, levels: int) -> list[Grid]:
     return grids
 
 
-def _moving_level(moving: sitk.Image, spacing: float) -> sitk.Image:
-    """The moving image smoothed and resampled to voxels no finer than ``spacing`` mm."""
-    grid = Grid.of(moving)
+def coarsened(image: sitk.Image, spacing: float) -> sitk.Image:
+    """``image`` smoothed and resampled on its own extent and direction to voxels no finer
+    than ``spacing`` mm (itself when none is finer)."""
+    grid = Grid.of(image)
     sizes = np.asarray(grid.spacing) * np.asarray(grid.size)
     size = np.minimum(grid.size, np.maximum(2, np.round(sizes / np.maximum(grid.spacing, spacing))))
     if tuple(int(n) for n in size) == grid.size:
-        return moving
-    return resample_to_grid(moving, grid.resized(tuple(int(n) for n in reversed(size))))
+        return image
+    return resample_to_grid(image, grid.resized(tuple(int(n) for n in reversed(size))))
 
 
 class _MovingSampler:
@@ -186,13 +187,19 @@ class ImagePair:
         self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         self.device = device
 
+    def coarsen(self, spacing: float) -> None:
+        """Keep both images only as fine as ``spacing`` mm (the finest level's): every level
+        is then resampled from these, not from a full-resolution CT each time."""
+        self.fixed = coarsened(self.fixed, spacing)
+        self.moving = coarsened(self.moving, spacing)
+
     def level(self, grid: Grid) -> Level:
         fixed = sitk.GetArrayFromImage(resample_to_grid(self.fixed, grid))
         weight = np.ones_like(fixed)
         if self.fixed_mask is not None:
             inside = resample_to_grid(self.fixed_mask, grid, sitk.sitkNearestNeighbor)
             weight = (sitk.GetArrayFromImage(inside) > 0).astype(np.float32)
-        moving = _moving_level(self.moving, float(min(grid.spacing)))
+        moving = coarsened(self.moving, float(min(grid.spacing)))
         return Level(
             grid,
             _tensor(fixed, self.device)[None, None],
@@ -284,6 +291,7 @@ def optimise_level(
 
 
 MULTIMODAL_RATIO = 0.85  # r² below this share of η²: the intensities are not linearly related
+MIN_RELATION = 0.75  # ... provided η² shows a strong relation (a misaligned pair shows none)
 
 
 def choose_similarity(
@@ -294,8 +302,9 @@ def choose_similarity(
     The best start by MIND (contrast-invariant) aligns the pair roughly; there, intensities of
     one modality are related linearly and positively (Pearson ``r² ≈ η²``, the correlation
     ratio), those of two modalities are not (T1/T2 inversions, CT/MR: ``r`` small or negative,
-    or ``r²`` well below ``η²``). Measured on the Testing/ and benchmark cases: ``r²/η²`` ≥ 0.98
-    for every pair of one modality, 0.71–0.76 for T1 against a T2-like contrast.
+    or ``r²`` well below a strong ``η²``). Measured on the Testing/ and benchmark cases:
+    ``r²/η²`` ≥ 0.98 for every pair of one modality, 0.71–0.76 (``η²`` 0.86–0.91) for T1
+    against a T2-like contrast; two unrelated random volumes give 0.80 with ``η²`` 0.68.
     """
     mind = get_similarity("mind")
     best = max(starts, key=lambda name: score(level, starts[name], mind))
@@ -305,7 +314,7 @@ def choose_similarity(
         r, eta_fixed = intensity_relation(level.fixed, warped, weight)
         _, eta_moving = intensity_relation(warped, level.fixed, weight)
     eta = max(eta_fixed, eta_moving)
-    multimodal = r < 0.3 or r * r < MULTIMODAL_RATIO * eta
+    multimodal = r < 0.3 or (eta > MIN_RELATION and r * r < MULTIMODAL_RATIO * eta)
     reason = {"pearson_r": round(r, 4), "correlation_ratio": round(eta, 4), "start": best}
     return get_similarity("mind" if multimodal else "lncc"), reason
 
@@ -342,6 +351,7 @@ def refine(
     """
     dim = pair.fixed.GetDimension()
     grids = pyramid(Grid.of(pair.fixed), quality.budget[dim], quality.levels)
+    pair.coarsen(float(min(grids[-1].spacing)))
     coarse = pair.level(grids[0])
     fields = {name: field_tensor(start(grids[0]), pair.device) for name, start in starts.items()}
     choice = None
