@@ -43,7 +43,7 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "initial",
         str,
         "none",
-        "linear alignment in physical space before the network (composed into transform.h5)",
+        "linear alignment in physical space before the network (one of the refinement's starts)",
         ("none", "translation", "rigid", "affine"),
     ),
     RunOption(
@@ -59,14 +59,15 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "quality",
         str,
         "balanced",
-        "refinement pyramid: fast (coarse levels only), balanced, best (finest levels, more steps)",
+        "refinement pyramid: fast (2 coarser levels), balanced, best (finer voxels, more steps)",
         QUALITIES,
     ),
     RunOption(
         "refine_steps",
         int,
         None,
-        "refinement steps per pyramid level (default: the quality preset's); 0: network only",
+        "refinement steps per pyramid level (default: the quality preset's); 0: the best start "
+        "(identity, alignment or network) without refinement",
     ),
     RunOption(
         "field_grid",
