@@ -30,7 +30,7 @@ from .outputs import Result, lift_to_slice
 from .preprocess import background_value, robust_range
 from .refine import QUALITY, ImagePair, Refined, field_array, field_tensor, refine, resize_field
 from .refine import score as level_score
-from .report import peak_memory, versions
+from .report import model_report, run_report
 from .similarity import Similarity
 from .similarity import get as get_similarity
 from .space import Grid
@@ -78,6 +78,104 @@ class _Direction:
     fixed_mask: sitk.Image | None
     moving_mask: sitk.Image | None
     starts: dict[str, PointMap]
+
+
+@dataclass
+class _Inputs:
+    """The checked images and masks of one registration."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+
+
+def _load(
+    fixed: ImageLike,
+    moving: ImageLike,
+    fixed_mask: ImageLike | None,
+    moving_mask: ImageLike | None,
+    notices: list[str],
+) -> _Inputs:
+    """Read and check the images and masks (``validate.py``); notices go to ``notices``."""
+    fixed_image = _as_image(fixed, notices.append, "fixed")
+    moving_image = _as_image(moving, notices.append, "moving")
+    check_pair(fixed_image, moving_image, "moving" if isinstance(moving, sitk.Image) else moving)
+    return _Inputs(
+        fixed_image,
+        moving_image,
+        _as_mask(fixed_mask, fixed_image, "fixed"),
+        _as_mask(moving_mask, moving_image, "moving"),
+    )
+
+
+def _align(
+    inputs: _Inputs, mode: str, device: torch.device, stages: Stages
+) -> tuple[affine.AffineResult, tuple[sitk.Image, sitk.Image | None]]:
+    """The linear alignment, and the moving image (and mask) seen through it on the fixed grid
+    (padded with its background): what the network then registers."""
+    alignment = affine.align(
+        inputs.fixed,
+        inputs.moving,
+        mode,
+        fixed_mask=inputs.fixed_mask,
+        moving_mask=inputs.moving_mask,
+        device=device,
+        progress=lambda fraction, message: stages.update("affine", fraction, message),
+    )
+    return alignment, alignment.resample(inputs.moving, inputs.moving_mask, inputs.fixed)
+
+
+def _identity(points: np.ndarray) -> np.ndarray:
+    return points
+
+
+def _directions(
+    inputs: _Inputs,
+    network: torch.nn.Module | None,
+    card: ModelCard,
+    alignment: affine.AffineResult | None,
+    network_moving: tuple[sitk.Image, sitk.Image | None],
+    device: torch.device,
+    inverse: bool,
+    warnings: list[str],
+) -> tuple[_Direction, _Direction, torch.device]:
+    """Both directions with their starts: identity, the alignment (and its inverse) and the
+    network's map (run on the moving image seen through the alignment), unless the model's
+    intensity window does not fit the images. Returns them and the device the network ran on."""
+    forward = _Direction(
+        inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask, {"identity": _identity}
+    )
+    backward = _Direction(
+        inputs.moving, inputs.fixed, inputs.moving_mask, inputs.fixed_mask, {"identity": _identity}
+    )
+    linear, undo = _identity, _identity
+    if alignment is not None:
+        linear, undo = alignment.apply, _inverse_affine(alignment)
+        forward.starts["affine"], backward.starts["affine"] = linear, undo
+    moving, moving_mask = network_moving
+    skip = unsuitable(card, {"fixed image": inputs.fixed, "moving image": moving})
+    if skip:
+        warnings.append(skip)
+    if network is None or skip:
+        return forward, backward, device
+    net = capture(
+        network, card, inputs.fixed, moving, inputs.fixed_mask, moving_mask, device, warnings
+    )
+    forward.starts["network"] = lambda points: linear(net.map(points))
+    if inverse:
+        back = capture(
+            network,
+            card,
+            moving,
+            inputs.fixed,
+            moving_mask,
+            inputs.fixed_mask,
+            net.device,
+            warnings,
+        )
+        backward.starts["network"] = lambda points: back.map(undo(points))
+    return forward, backward, net.device
 
 
 def _displacement_on(point_map: PointMap) -> Callable[[Grid], np.ndarray]:
@@ -247,6 +345,16 @@ def register(
     steps = QUALITY[quality].steps if refine_steps is None else refine_steps
     measure = None if similarity == "auto" else get_similarity(similarity)
     options = _Options(initial, measure, quality, steps, field_grid, inverse)
+    options_report = {
+        "initial": initial,
+        "similarity": similarity,
+        "quality": quality,
+        "refine_steps": steps,
+        "field_grid": field_grid,
+        "inverse": inverse,
+        "fixed_mask": fixed_mask is not None,
+        "moving_mask": moving_mask is not None,
+    }
     stage_list = ["load"] + (["affine"] if initial != "none" else []) + ["network"]
     stage_list += (["refine"] if steps else []) + ["field", "warp"] + (["inverse"] * inverse)
     stages = Stages(progress, stage_list)
@@ -255,79 +363,28 @@ def register(
 
     stages.enter("load", "reading images and model")
     torch_device = resolve_device(device)
-    fixed_image = _as_image(fixed, notices.append, "fixed")
-    moving_image = _as_image(moving, notices.append, "moving")
-    check_pair(fixed_image, moving_image, "moving" if isinstance(moving, sitk.Image) else moving)
-    fixed_mask_image = _as_mask(fixed_mask, fixed_image, "fixed")
-    moving_mask_image = _as_mask(moving_mask, moving_image, "moving")
-    card = read_card(model, fixed_image.GetDimension())
+    inputs = _load(fixed, moving, fixed_mask, moving_mask, notices)
+    card = read_card(model, inputs.fixed.GetDimension())
     network = load_network(card)
     if not card.trained:
         notices.append(f"model {card.name} is UNTRAINED (random weights): its map is not used")
-
-    alignment, net_moving, net_moving_mask = None, moving_image, moving_mask_image
+        network = None
+    alignment, network_moving = None, (inputs.moving, inputs.moving_mask)
     if initial != "none":
         stages.enter("affine", f"{initial} alignment")
-        alignment = affine.align(
-            fixed_image,
-            moving_image,
-            initial,
-            fixed_mask=fixed_mask_image,
-            moving_mask=moving_mask_image,
-            device=torch_device,
-            progress=lambda fraction, message: stages.update("affine", fraction, message),
-        )
-        net_moving, net_moving_mask = alignment.resample(
-            moving_image, moving_mask_image, fixed_image
-        )
+        alignment, network_moving = _align(inputs, initial, torch_device, stages)
 
     stages.enter("network", f"running {card.name} on {torch_device}")
-    skip = unsuitable(card, {"fixed image": fixed_image, "moving image": net_moving})
-    if skip or not card.trained:
-        warnings += [skip] if skip else []
-        network = None
-    forward = _Direction(fixed_image, moving_image, fixed_mask_image, moving_mask_image, {})
-    forward.starts["identity"] = lambda points: points
-    backward = _Direction(moving_image, fixed_image, moving_mask_image, fixed_mask_image, {})
-    backward.starts["identity"] = lambda points: points
-    if alignment is not None:
-        forward.starts["affine"] = alignment.apply
-        backward.starts["affine"] = _inverse_affine(alignment)
-    compute = torch_device
-    if network is not None:
-        net = capture(
-            network,
-            card,
-            fixed_image,
-            net_moving,
-            fixed_mask_image,
-            net_moving_mask,
-            torch_device,
-            warnings,
-        )
-        compute = net.device
-        pre = alignment.apply if alignment is not None else (lambda points: points)
-        forward.starts["network"] = lambda points: pre(net.map(points))
-        if inverse:
-            back = capture(
-                network,
-                card,
-                net_moving,
-                fixed_image,
-                net_moving_mask,
-                fixed_mask_image,
-                compute,
-                warnings,
-            )
-            undo = backward.starts.get("affine", lambda points: points)
-            backward.starts["network"] = lambda points: back.map(undo(points))
+    forward, backward, compute = _directions(
+        inputs, network, card, alignment, network_moving, torch_device, inverse, warnings
+    )
 
     if steps:
         stages.enter("refine", f"refinement ({similarity}, {quality})")
     displacement, refined, quality_report = _solve(
         forward,
         options,
-        _output_grid(field_grid, fixed_image, card),
+        _output_grid(field_grid, inputs.fixed, card),
         compute,
         lambda fraction, message: stages.update("refine", fraction, message) if steps else None,
     )
@@ -338,14 +395,14 @@ def register(
     quality_report["folding_fraction"] = _folding(displacement, warnings)
 
     stages.enter("warp", "resampling the moving image")
-    fill = background_value(sitk.GetArrayViewFromImage(moving_image))
-    warped = sitk.Resample(moving_image, fixed_image, transform, sitk.sitkLinear, fill)
+    fill = background_value(sitk.GetArrayViewFromImage(inputs.moving))
+    warped = sitk.Resample(inputs.moving, inputs.fixed, transform, sitk.sitkLinear, fill)
 
     inverse_transform = None
     if inverse:
         stages.enter("inverse", "registering with swapped inputs for the inverse")
         inverse_field, inverse_refined, _ = _solve(
-            backward, options, _output_grid(field_grid, moving_image, card), compute
+            backward, options, _output_grid(field_grid, inputs.moving, card), compute
         )
         warnings += inverse_refined.warnings
         inverse_linear = linear.GetInverse() if linear is not None else None
@@ -354,40 +411,16 @@ def register(
         )
 
     report = {
-        "equireg_version": versions()["equireg"],
-        "versions": versions(),
-        "model": {
-            "name": card.name,
-            "trained": card.trained,
-            "sha256": card.data.get("sha256"),
-            "used": "network" in forward.starts,
-        },
-        "inputs": {
-            "fixed": str(fixed) if not isinstance(fixed, sitk.Image) else "<image>",
-            "moving": str(moving) if not isinstance(moving, sitk.Image) else "<image>",
-            "fixed_size": list(fixed_image.GetSize()),
-            "moving_size": list(moving_image.GetSize()),
-        },
-        "options": {
-            "initial": initial,
-            "similarity": similarity,
-            "quality": quality,
-            "refine_steps": steps,
-            "field_grid": field_grid,
-            "inverse": inverse,
-            "fixed_mask": fixed_mask is not None,
-            "moving_mask": moving_mask is not None,
-        },
-        "device": str(compute),
+        **run_report(card, (fixed, moving), inputs, options_report, compute),
+        "model": {**model_report(card), "used": "network" in forward.starts},
         **quality_report,
         "refinement": refined.report,
         **({"affine": alignment.report()} if alignment is not None else {}),
         "timings_s": stages.finish(),
-        "peak_memory": peak_memory(compute),
         "warnings": notices + warnings,
     }
     if progress is not None:
         for message in notices + warnings:
             progress("warning", 1.0, message)
     result = Result(transform, displacement, warped, report, inverse_transform)
-    return lift_to_slice(result, fixed_image, moving_image)  # one-slice 3-D inputs: 3-D outputs
+    return lift_to_slice(result, inputs.fixed, inputs.moving)  # one-slice 3-D inputs: 3-D outputs

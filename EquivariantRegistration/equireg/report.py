@@ -7,6 +7,7 @@ same names ``equireg evaluate`` reports.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,3 +38,36 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
+
+
+def model_report(card: Any) -> dict[str, Any]:
+    """Which model ran: name, whether trained, the checksum of its weights."""
+    return {"name": card.name, "trained": card.trained, "sha256": card.data.get("sha256")}
+
+
+def run_report(
+    card: Any,
+    given: tuple[Any, Any],
+    inputs: Any,
+    options: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Versions, model, inputs (paths as given, sizes), options, device and peak memory."""
+
+    def name(value: Any) -> str:
+        return "<image>" if isinstance(value, sitk.Image) else str(value)
+
+    return {
+        "equireg_version": __version__,
+        "versions": versions(),
+        "model": model_report(card),
+        "inputs": {
+            "fixed": name(given[0]),
+            "moving": name(given[1]),
+            "fixed_size": list(inputs.fixed.GetSize()),
+            "moving_size": list(inputs.moving.GetSize()),
+        },
+        "options": options,
+        "device": str(device),
+        "peak_memory": peak_memory(device),
+    }
