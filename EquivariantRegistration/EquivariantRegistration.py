@@ -150,7 +150,7 @@ class EquivariantRegistrationParameterNode:
     movingMask: slicer.vtkMRMLScalarVolumeNode
     model: Annotated[str, Choice(bundled_models(MODULE_DIR))] = "auto"
     device: Device = Device.AUTO
-    initial: InitialAlignment = InitialAlignment.NONE
+    initial: InitialAlignment = InitialAlignment.AFFINE
     similarity: Annotated[str, _choices("similarity")] = BY_NAME["similarity"].default
     quality: Annotated[str, _choices("quality")] = BY_NAME["quality"].default
     # -1 shows as "preset": the number of refinement steps the quality preset chooses.

@@ -42,8 +42,9 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption(
         "initial",
         str,
-        "none",
-        "linear alignment in physical space before the network (one of the refinement's starts)",
+        "affine",
+        "linear alignment in physical space, one of the refinement's starts (mutual information "
+        "unless --similarity lncc or mse); none skips it",
         ("none", "translation", "rigid", "affine"),
     ),
     RunOption(

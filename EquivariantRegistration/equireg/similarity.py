@@ -188,7 +188,7 @@ class Similarity:
 SIMILARITIES: dict[str, Similarity] = {
     s.name: s
     for s in (
-        Similarity("lncc", lncc_similarity, "local normalised cross-correlation", 2.0, _bind_lncc),
+        Similarity("lncc", lncc_similarity, "local normalised cross-correlation", 1.0, _bind_lncc),
         Similarity("mind", mind_similarity, "MIND-SSC descriptors (multimodal)", 0.2, _bind_mind),
         Similarity("nmi", nmi_similarity, "normalised mutual information (multimodal)", 0.5),
         Similarity("mse", mse_similarity, "negated mean squared difference", 0.1),
