@@ -102,6 +102,8 @@ class OutputFolder:
     """
 
     def __init__(self, path: str | os.PathLike, inputs: dict[str, Any] | None = None):
+        if not str(path).strip():
+            raise InputError("output folder: empty path (give -o FOLDER)")
         self.path = Path(path)
         self.inputs = inputs or {}
         self.created = False

@@ -233,11 +233,25 @@ def diffusion_mm(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     return total
 
 
+MIN_OVERLAP = 0.01  # a start whose moving image covers less of the fixed image scores −∞
+
+
+def overlap(level: Level, displacement: torch.Tensor) -> float:
+    """The fraction of the fixed image (inside its mask) whose target lies in the moving image."""
+    with torch.no_grad():
+        _, inside = level.moving(level.points + displacement)
+        return float((level.weight * inside).sum() / level.weight.sum().clamp(min=1))
+
+
 def score(level: Level, displacement: torch.Tensor, similarity: Similarity) -> float:
-    """``similarity`` of the moving image through ``displacement`` and the fixed image."""
+    """``similarity`` of the moving image through ``displacement`` and the fixed image; −∞
+    where they (almost) do not overlap, since a measure over no voxels says nothing."""
     with torch.no_grad():
         warped, inside = level.moving(level.points + displacement)
-        return similarity.score(warped, level.fixed, level.weight * inside)
+        weight = level.weight * inside
+        if float(weight.sum()) < MIN_OVERLAP * float(level.weight.sum()):
+            return float("-inf")
+        return similarity.score(warped, level.fixed, weight)
 
 
 @dataclass
@@ -389,7 +403,14 @@ def refine(
                 f"{final_score:.4f}); the {chosen} start is returned instead"
             )
             displacement, start_returned = start_field, True
+    covered = overlap(level, displacement)
+    if covered < 0.5:
+        warnings.append(
+            f"the moving image covers only {100 * covered:.0f}% of the fixed image after "
+            "registration: outside it the displacement is extrapolated, not measured"
+        )
     report = {
+        "overlap": round(covered, 4),
         "similarity": similarity.name,
         **({"similarity_choice": choice} if choice is not None else {}),
         "start": {"chosen": chosen, "scores": scores},
