@@ -256,7 +256,9 @@ def test_initial_affine_recovers_the_transform_and_its_inverse(
     inverse_transform.h5 its inverse, also outside the fields' grids."""
     monkeypatch.setattr(equireg.api, "load_network", lambda card: _KnownShift((0.0, 0.0)))
     fixed, moving, truth = affine_pair
-    result = equireg.api.register(fixed, moving, initial="affine", inverse=True, refine_steps=0)
+    result = equireg.api.register(
+        fixed, moving, initial="affine", inverse=True, refine_steps=0, similarity="lncc"
+    )
     assert result.report["refinement"]["start"]["chosen"] == "affine"
     image = sitk.ReadImage(str(fixed))
     points = [

@@ -121,7 +121,9 @@ class _WrongShift(torch.nn.Module):
 
 def test_the_guard_never_returns_worse_than_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(equireg.api, "load_network", lambda card: _WrongShift())
-    result = equireg.api.register(str(RETINA.fixed), str(RETINA.moving), refine_steps=0)
+    result = equireg.api.register(
+        str(RETINA.fixed), str(RETINA.moving), refine_steps=0, initial="none"
+    )
     report = result.report
     assert report["refinement"]["start"]["chosen"] == "identity"
     assert report["similarity_after"]["lncc"] >= report["similarity_before"]["lncc"]

@@ -36,7 +36,7 @@ from slicer_support import (
 
 from equireg.cli import build_parser
 from equireg.io import read_image
-from equireg.options import RUN_OPTIONS
+from equireg.options import BY_NAME, RUN_OPTIONS
 
 SHIFT_LPS = np.array([3.2, -2.1, 1.7])  # the known translation: fixed point x ↦ moving x + t
 
@@ -149,7 +149,11 @@ def test_command_is_accepted_by_the_engine_parser(tmp_path: Path) -> None:
     assert (args.fixed, args.moving) == (str(inputs.fixed), str(inputs.moving))
     assert (args.fixed_mask, args.moving_mask) == (str(inputs.fixed_mask), str(inputs.moving_mask))
     assert (args.model, args.device, args.refine_steps) == ("retina2d", "cpu", 25)
-    assert (args.initial, args.progress, args.output_dir) == ("none", "json", str(tmp_path / "out"))
+    assert (args.initial, args.progress, args.output_dir) == (
+        BY_NAME["initial"].default,
+        "json",
+        str(tmp_path / "out"),
+    )
 
 
 def test_every_run_option_reaches_the_engine_parser(tmp_path: Path) -> None:
