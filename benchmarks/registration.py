@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch_peers
 from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 
 from equireg.api import register
@@ -44,6 +45,7 @@ System = Callable[[Path, Path, Path], sitk.Transform]
 # voxels for its metric (all of them in 2-D): with all of them its B-spline stage takes minutes
 # on the CT (10 %: about 1 min on one thread, 5 %: about 30 s, for much the same accuracy).
 PEERS_3D = {"elastix_grid_mm": 15.0, "simpleitk_sampling": 0.05}
+CT_AIR_HU = -900.0  # a fixed image this dark somewhere is taken for CT in HU (air is -1000)
 
 
 def identity(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
@@ -55,11 +57,15 @@ def equireg(fixed: Path, moving: Path, scratch: Path, model: str, device: str) -
 
 
 def peer_inputs(fixed: Path, moving: Path, scratch: Path) -> tuple[Path, Path]:
-    """The files the peers register: the case's own, except where the bundled model for the
-    dimension reads a fixed window (CT in HU: ``lung3d``), whose window the peers get too (in
-    HU, clipped), so that the -3024 HU outside the scanned field and bone do not drive them."""
-    spec = read_card("auto", read_image(fixed).GetDimension()).preprocessing
-    if spec["kind"] != "window":
+    """The files the peers register: the case's own, except for CT (a fixed image reaching
+    ``CT_AIR_HU`` or below) where the bundled model for the dimension reads a fixed window (CT
+    in HU: ``lung3d``), whose window the peers get too (in HU, clipped), so that the -3024 HU
+    outside the scanned field and bone do not drive them. Other images (MR, photographs) are
+    given as stored."""
+    image = read_image(fixed)
+    spec = read_card("auto", image.GetDimension()).preprocessing
+    is_ct = float(sitk.GetArrayViewFromImage(image).min()) <= CT_AIR_HU
+    if spec["kind"] != "window" or not is_ct:
         return fixed, moving
     low, high = float(spec["low"]), float(spec["high"])
     clipped = []
@@ -156,6 +162,18 @@ def simpleitk(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
     return sitk.CompositeTransform([affine, bspline])
 
 
+def convexadam(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """ConvexAdam with its defaults on the peers' inputs (see ``torch_peers.convexadam``)."""
+    fixed, moving = peer_inputs(fixed, moving, scratch)
+    return torch_peers.convexadam(read_image(fixed), read_image(moving))
+
+
+def fireants(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """FireANTs moments + affine + SyN on the peers' inputs (see ``torch_peers.fireants``)."""
+    fixed, moving = peer_inputs(fixed, moving, scratch)
+    return torch_peers.fireants(read_image(fixed), read_image(moving))
+
+
 def systems(models: dict[str, str], only: set[str] | None) -> dict[str, System]:
     """Every system this run compares, by the name its table rows carry."""
     found: dict[str, System] = {
@@ -167,6 +185,7 @@ def systems(models: dict[str, str], only: set[str] | None) -> dict[str, System]:
     for name, path in models.items():
         found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
     found |= {"elastix affine+B-spline": elastix, "ANTs SyN": ants_syn, "SimpleITK": simpleitk}
+    found |= {"ConvexAdam": convexadam, "FireANTs SyN": fireants}
     return {k: v for k, v in found.items() if only is None or k.split(" ")[0] in only}
 
 
