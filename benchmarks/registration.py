@@ -6,11 +6,15 @@ every resulting transform (fixed → moving physical points) with ``equireg.case
 folding fraction of the transform sampled on the fixed grid. Systems: identity; equireg with the
 bundled model on CPU (and CUDA when present); models given with ``--model NAME=PATH`` (e.g. the
 U-Net-only and AiR baselines); elastix (PyPI ``itk-elastix``, default affine + B-spline maps);
-ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline).
+ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline);
+ConvexAdam (PyPI ``convexadam``) and FireANTs (PyPI ``fireants``) on the CPU (``torch_peers``).
 On 3-D cases equireg uses the bundled 3-D model (``auto``: ``lung3d``), the peers get CT in HU
 clipped to that model's intensity window and settings for a CT volume (see ``PEERS_3D``), and
 a ``--model`` whose dimension differs from the case's is not run (said below the table).
-Prints one markdown table and writes ``docs/figures/bench_registration.png``.
+``--cases`` picks other case folders (``make bench-cases`` builds ``.data/bench-cases``: brain
+MR, multimodal MR, a second chest CT, a larger warp of the fundus photograph); ``--peers-only``
+leaves out this project's rows. Prints one markdown table and writes
+``docs/figures/bench_registration.png`` (or ``--figure``).
 """
 
 from __future__ import annotations
@@ -174,16 +178,18 @@ def fireants(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
     return torch_peers.fireants(read_image(fixed), read_image(moving))
 
 
-def systems(models: dict[str, str], only: set[str] | None) -> dict[str, System]:
-    """Every system this run compares, by the name its table rows carry."""
-    found: dict[str, System] = {
-        "identity": identity,
-        "equireg (cpu)": partial(equireg, model="auto", device="cpu"),
-    }
-    if torch.cuda.is_available():
-        found["equireg (cuda)"] = partial(equireg, model="auto", device="cuda")
-    for name, path in models.items():
-        found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
+def systems(
+    models: dict[str, str], only: set[str] | None, peers_only: bool = False
+) -> dict[str, System]:
+    """Every system this run compares, by the name its table rows carry (``peers_only``: the
+    identity and the other tools, none of this project's)."""
+    found: dict[str, System] = {"identity": identity}
+    if not peers_only:
+        found["equireg (cpu)"] = partial(equireg, model="auto", device="cpu")
+        if torch.cuda.is_available():
+            found["equireg (cuda)"] = partial(equireg, model="auto", device="cuda")
+        for name, path in models.items():
+            found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
     found |= {"elastix affine+B-spline": elastix, "ANTs SyN": ants_syn, "SimpleITK": simpleitk}
     found |= {"ConvexAdam": convexadam, "FireANTs SyN": fireants}
     return {k: v for k, v in found.items() if only is None or k.split(" ")[0] in only}
@@ -215,9 +221,11 @@ def warm_up(found: dict[str, System], cases: list[Case], dims: dict[str, int]) -
     kernel set-up) and the peers' imports (itk loads its modules lazily, for seconds), so that
     times are per registration."""
     import ants  # noqa: F401
+    import convexAdam.convex_adam_MIND  # noqa: F401
     import itk
 
     itk.ElastixRegistrationMethod  # noqa: B018 - forces itk's lazy load
+    torch_peers._fireants_modules()
     firsts = {read_image(case.fixed).GetDimension(): case for case in reversed(cases)}
     for dim, case in sorted(firsts.items()):
         for name, system in found.items():
@@ -272,13 +280,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--systems", help="comma-separated first words of system names to run")
-    parser.add_argument("--cases", type=Path, default=ROOT / "Testing")
+    parser.add_argument("--cases", type=Path, default=ROOT / "Testing", help="a folder of cases")
+    parser.add_argument("--peers-only", action="store_true", help="no equireg or --model rows")
+    parser.add_argument("--figure", type=Path, default=FIGURES / "bench_registration.png")
     args = parser.parse_args()
-    models = dict(item.split("=", 1) for item in args.model)
+    models = {} if args.peers_only else dict(item.split("=", 1) for item in args.model)
     only = set(args.systems.split(",")) if args.systems else None
-    found = systems(models, only)
+    found = systems(models, only, args.peers_only)
     dims = model_dims(models)
     cases = find_cases(args.cases)
+    if not cases:
+        parser.error(f"no cases (folders holding fixed.nrrd) under {args.cases}")
     print(f"Machine: {machine()}\n")
     warm_up(found, cases, dims)
     rows = []
@@ -313,7 +325,7 @@ def main() -> None:
     note = skipped_note(skipped, dims)
     if note:
         print(f"\n{note}")
-    plot([r for r in rows if "dice" in r], FIGURES / "bench_registration.png")
+    plot([r for r in rows if "dice" in r], args.figure)
 
 
 if __name__ == "__main__":
