@@ -109,7 +109,8 @@ def _fireants_modules():
 
 def fireants(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     """FireANTs on the CPU: centres of mass (moments), affine, then SyN, each with local
-    normalised correlation, on grids of at most ``FIREANTS_VOXELS`` in 3-D.
+    normalised correlation, on grids of at most ``FIREANTS_VOXELS`` in 3-D, intensities
+    rescaled to [0, 1].
 
     Without its optional CUDA kernels (``fireants_fused_ops``, not on PyPI) FireANTs falls back
     to PyTorch's ``grid_sample`` and FFT/convolution paths, which run on the CPU when the images'
@@ -118,8 +119,12 @@ def fireants(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     the moving image's ``torch2phy`` matrix turns them into moving physical points."""
     batched, image_class, moments_class, affine_class, syn_class = _fireants_modules()
     grid = _isotropic_grid(fixed, FIREANTS_VOXELS)
+    # Intensities in [0, 1] per image: its centre-of-mass start weights each voxel by its
+    # intensity, which CT in (negative) HU would turn into nonsense.
     moving = _on_grid(moving, _isotropic_grid(moving, FIREANTS_VOXELS))
-    fixed = _on_grid(fixed, grid)
+    fixed, moving = (
+        sitk.RescaleIntensity(image, 0.0, 1.0) for image in (_on_grid(fixed, grid), moving)
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         fixed_images = batched([image_class(fixed, device="cpu")])
         moving_images = batched([image_class(moving, device="cpu")])
