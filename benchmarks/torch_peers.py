@@ -119,8 +119,9 @@ def fireants(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     the moving image's ``torch2phy`` matrix turns them into moving physical points."""
     batched, image_class, moments_class, affine_class, syn_class = _fireants_modules()
     grid = _isotropic_grid(fixed, FIREANTS_VOXELS)
-    # Intensities in [0, 1] per image: its centre-of-mass start weights each voxel by its
-    # intensity, which CT in (negative) HU would turn into nonsense.
+    # Intensities min-max rescaled to [0, 1] per image, as FireANTs' own template pipeline
+    # normalises them: its centre-of-mass start weights each voxel by its intensity, which CT in
+    # (negative) HU would turn into nonsense.
     moving = _on_grid(moving, _isotropic_grid(moving, FIREANTS_VOXELS))
     fixed, moving = (
         sitk.RescaleIntensity(image, 0.0, 1.0) for image in (_on_grid(fixed, grid), moving)
