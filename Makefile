@@ -35,7 +35,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.lock
 	$(BIN)/pip install -q --no-deps -r requirements-bench.lock
 	touch $@
 
-# CPU part (~15 min on 2 cores): rewrites docs/benchmarks.md and docs/figures/bench_*.png.
+# CPU part (~15 min on 2 cores, plus ~3 min since ConvexAdam and FireANTs joined the registration
+# block): rewrites docs/benchmarks.md and docs/figures/bench_*.png.
 # The U-Net-only and AiR rows need their trained cards: run_all.py --model NAME=CARD --unet CARD --air CARD.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run_all.py --quick
