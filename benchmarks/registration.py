@@ -6,11 +6,15 @@ every resulting transform (fixed → moving physical points) with ``equireg.case
 folding fraction of the transform sampled on the fixed grid. Systems: identity; equireg with the
 bundled model on CPU (and CUDA when present); models given with ``--model NAME=PATH`` (e.g. the
 U-Net-only and AiR baselines); elastix (PyPI ``itk-elastix``, default affine + B-spline maps);
-ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline).
+ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline);
+ConvexAdam (PyPI ``convexadam``) and FireANTs (PyPI ``fireants``) on the CPU (``torch_peers``).
 On 3-D cases equireg uses the bundled 3-D model (``auto``: ``lung3d``), the peers get CT in HU
 clipped to that model's intensity window and settings for a CT volume (see ``PEERS_3D``), and
 a ``--model`` whose dimension differs from the case's is not run (said below the table).
-Prints one markdown table and writes ``docs/figures/bench_registration.png``.
+``--cases`` picks other case folders (``make bench-cases`` builds ``.data/bench-cases``: brain
+MR, multimodal MR, a second chest CT, a larger warp of the fundus photograph); ``--peers-only``
+leaves out this project's rows. Prints one markdown table and writes
+``docs/figures/bench_registration.png`` (or ``--figure``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch_peers
 from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 
 from equireg.api import register
@@ -44,6 +49,7 @@ System = Callable[[Path, Path, Path], sitk.Transform]
 # voxels for its metric (all of them in 2-D): with all of them its B-spline stage takes minutes
 # on the CT (10 %: about 1 min on one thread, 5 %: about 30 s, for much the same accuracy).
 PEERS_3D = {"elastix_grid_mm": 15.0, "simpleitk_sampling": 0.05}
+CT_AIR_HU = -900.0  # a fixed image this dark somewhere is taken for CT in HU (air is -1000)
 
 
 def identity(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
@@ -55,11 +61,15 @@ def equireg(fixed: Path, moving: Path, scratch: Path, model: str, device: str) -
 
 
 def peer_inputs(fixed: Path, moving: Path, scratch: Path) -> tuple[Path, Path]:
-    """The files the peers register: the case's own, except where the bundled model for the
-    dimension reads a fixed window (CT in HU: ``lung3d``), whose window the peers get too (in
-    HU, clipped), so that the -3024 HU outside the scanned field and bone do not drive them."""
-    spec = read_card("auto", read_image(fixed).GetDimension()).preprocessing
-    if spec["kind"] != "window":
+    """The files the peers register: the case's own, except for CT (a fixed image reaching
+    ``CT_AIR_HU`` or below) where the bundled model for the dimension reads a fixed window (CT
+    in HU: ``lung3d``), whose window the peers get too (in HU, clipped), so that the -3024 HU
+    outside the scanned field and bone do not drive them. Other images (MR, photographs) are
+    given as stored."""
+    image = read_image(fixed)
+    spec = read_card("auto", image.GetDimension()).preprocessing
+    is_ct = float(sitk.GetArrayViewFromImage(image).min()) <= CT_AIR_HU
+    if spec["kind"] != "window" or not is_ct:
         return fixed, moving
     low, high = float(spec["low"]), float(spec["high"])
     clipped = []
@@ -156,17 +166,32 @@ def simpleitk(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
     return sitk.CompositeTransform([affine, bspline])
 
 
-def systems(models: dict[str, str], only: set[str] | None) -> dict[str, System]:
-    """Every system this run compares, by the name its table rows carry."""
-    found: dict[str, System] = {
-        "identity": identity,
-        "equireg (cpu)": partial(equireg, model="auto", device="cpu"),
-    }
-    if torch.cuda.is_available():
-        found["equireg (cuda)"] = partial(equireg, model="auto", device="cuda")
-    for name, path in models.items():
-        found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
+def convexadam(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """ConvexAdam with its defaults on the peers' inputs (see ``torch_peers.convexadam``)."""
+    fixed, moving = peer_inputs(fixed, moving, scratch)
+    return torch_peers.convexadam(read_image(fixed), read_image(moving))
+
+
+def fireants(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
+    """FireANTs moments + affine + SyN on the peers' inputs (see ``torch_peers.fireants``)."""
+    fixed, moving = peer_inputs(fixed, moving, scratch)
+    return torch_peers.fireants(read_image(fixed), read_image(moving))
+
+
+def systems(
+    models: dict[str, str], only: set[str] | None, peers_only: bool = False
+) -> dict[str, System]:
+    """Every system this run compares, by the name its table rows carry (``peers_only``: the
+    identity and the other tools, none of this project's)."""
+    found: dict[str, System] = {"identity": identity}
+    if not peers_only:
+        found["equireg (cpu)"] = partial(equireg, model="auto", device="cpu")
+        if torch.cuda.is_available():
+            found["equireg (cuda)"] = partial(equireg, model="auto", device="cuda")
+        for name, path in models.items():
+            found[f"{name} (cpu)"] = partial(equireg, model=path, device="cpu")
     found |= {"elastix affine+B-spline": elastix, "ANTs SyN": ants_syn, "SimpleITK": simpleitk}
+    found |= {"ConvexAdam": convexadam, "FireANTs SyN": fireants}
     return {k: v for k, v in found.items() if only is None or k.split(" ")[0] in only}
 
 
@@ -196,9 +221,11 @@ def warm_up(found: dict[str, System], cases: list[Case], dims: dict[str, int]) -
     kernel set-up) and the peers' imports (itk loads its modules lazily, for seconds), so that
     times are per registration."""
     import ants  # noqa: F401
+    import convexAdam.convex_adam_MIND  # noqa: F401
     import itk
 
     itk.ElastixRegistrationMethod  # noqa: B018 - forces itk's lazy load
+    torch_peers._fireants_modules()
     firsts = {read_image(case.fixed).GetDimension(): case for case in reversed(cases)}
     for dim, case in sorted(firsts.items()):
         for name, system in found.items():
@@ -253,13 +280,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--systems", help="comma-separated first words of system names to run")
-    parser.add_argument("--cases", type=Path, default=ROOT / "Testing")
+    parser.add_argument("--cases", type=Path, default=ROOT / "Testing", help="a folder of cases")
+    parser.add_argument("--peers-only", action="store_true", help="no equireg or --model rows")
+    parser.add_argument("--figure", type=Path, default=FIGURES / "bench_registration.png")
     args = parser.parse_args()
-    models = dict(item.split("=", 1) for item in args.model)
+    models = {} if args.peers_only else dict(item.split("=", 1) for item in args.model)
     only = set(args.systems.split(",")) if args.systems else None
-    found = systems(models, only)
+    found = systems(models, only, args.peers_only)
     dims = model_dims(models)
     cases = find_cases(args.cases)
+    if not cases:
+        parser.error(f"no cases (folders holding fixed.nrrd) under {args.cases}")
     print(f"Machine: {machine()}\n")
     warm_up(found, cases, dims)
     rows = []
@@ -294,7 +325,7 @@ def main() -> None:
     note = skipped_note(skipped, dims)
     if note:
         print(f"\n{note}")
-    plot([r for r in rows if "dice" in r], FIGURES / "bench_registration.png")
+    plot([r for r in rows if "dice" in r], args.figure)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Each script runs in its own process; what it prints (its tables) replaces the bl
 the blocks is kept, and the ``run`` block states the commit, machine, date and commands. A
 benchmark that fails leaves its error in its block and the others still run. ``--quick``
 shrinks the slow ones (fewer shapes, edges up to 128) for a run well under 30 minutes on 2 cores.
+``--bench-cases`` adds the block ``registration_bench_cases``: the registration benchmark on the
+cases that ``make bench-cases`` builds in ``.data/bench-cases``; ``--peers-only`` leaves this
+project's rows out of both registration blocks (``--only registration_bench_cases --bench-cases
+--peers-only`` runs the peers on the new cases alone).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """Each benchmark's command line (script and options), by block name."""
     registration = ["registration.py"] + [f"--model={m}" for m in args.model]
+    peers = ["--peers-only"] if args.peers_only else []
     equivariance = ["equivariance.py"] + ([f"--unet={args.unet}"] if args.unet else [])
     equivariance += [f"--air={args.air}"] if args.air else []
     if args.quick:
@@ -35,15 +40,24 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     else:
         speed = ["network_speed.py", "--cpu-shapes", "2d:128,2d:256,3d:64,3d:96,3d:128"]
         scaling = ["scaling.py", "--max-edge", "256"]
-    return {
+    found = {
         "attention": ["attention.py", "--repeats", "5"],
-        "registration": registration,
+        "registration": registration + peers,
         "network_speed": speed,
         # One thread per process: far less sensitive to other processes on a shared machine.
         "network_speed_1_thread": [*speed, "--threads", "1", "--skip-end-to-end"],
         "scaling": scaling,
         "equivariance": equivariance,
     }
+    if args.bench_cases:
+        figure = "--figure=docs/figures/bench_registration_bench_cases.png"
+        found["registration_bench_cases"] = [
+            *registration,
+            "--cases=.data/bench-cases",
+            figure,
+            *peers,
+        ]
+    return found
 
 
 def run(command: list[str]) -> str:
@@ -51,7 +65,10 @@ def run(command: list[str]) -> str:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, str(HERE / command[0]), *command[1:]], capture_output=True, text=True
+        [sys.executable, str(HERE / command[0]), *command[1:]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     minutes = (time.perf_counter() - start) / 60
     shown = " ".join(["python", f"benchmarks/{command[0]}", *command[1:]])
@@ -92,6 +109,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--unet", help="trained U-Net-only model for the equivariance table")
     parser.add_argument("--air", help="trained AiR model for the equivariance table")
+    parser.add_argument("--bench-cases", action="store_true", help="also .data/bench-cases")
+    parser.add_argument("--peers-only", action="store_true", help="registration without equireg")
     args = parser.parse_args()
     selected = commands(args)
     if args.only:
