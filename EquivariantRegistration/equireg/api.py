@@ -28,12 +28,22 @@ from .io import read_image, read_mask
 from .models import ModelCard, load_network, read_card
 from .outputs import Result, lift_to_slice
 from .preprocess import background_value, robust_range
-from .refine import QUALITY, ImagePair, Refined, field_array, field_tensor, refine, resize_field
+from .refine import (
+    QUALITY,
+    ImagePair,
+    Refined,
+    coarsened,
+    field_array,
+    field_tensor,
+    pyramid,
+    refine,
+    resize_field,
+)
 from .refine import score as level_score
 from .report import model_report, run_report
 from .similarity import Similarity
 from .similarity import get as get_similarity
-from .space import Grid
+from .space import Grid, resample_to_grid
 from .stages import Progress, Stages
 from .validate import check_image, check_mask, check_pair, check_path_argument, check_run_options
 
@@ -113,6 +123,26 @@ def _load(
         _as_mask(fixed_mask, fixed_image, "fixed"),
         _as_mask(moving_mask, moving_image, "moving"),
     )
+
+
+def _working(inputs: _Inputs, quality: str) -> _Inputs:
+    """The images (and masks) no finer than the refinement's finest level: every stage before
+    the outputs works on these, so a 512 × 512 × 133 CT is not smoothed and resampled in full
+    by the alignment, the network frames and each pyramid level."""
+    preset = QUALITY[quality]
+    finest = pyramid(Grid.of(inputs.fixed), preset.budget[inputs.fixed.GetDimension()], 1)[-1]
+    spacing = float(min(finest.spacing))
+
+    def shrink(image: sitk.Image, mask: sitk.Image | None) -> tuple[sitk.Image, sitk.Image | None]:
+        small = coarsened(image, spacing)
+        if mask is None or small is image:
+            return small, mask
+        inside = resample_to_grid(mask, Grid.of(small), sitk.sitkNearestNeighbor)
+        return small, sitk.Cast(inside > 0, sitk.sitkUInt8)
+
+    fixed, fixed_mask = shrink(inputs.fixed, inputs.fixed_mask)
+    moving, moving_mask = shrink(inputs.moving, inputs.moving_mask)
+    return _Inputs(fixed, moving, fixed_mask, moving_mask)
 
 
 def _align(
@@ -388,14 +418,15 @@ def register(
     if not card.trained:
         notices.append(f"model {card.name} is UNTRAINED (random weights): its map is not used")
         network = None
-    alignment, network_moving = None, (inputs.moving, inputs.moving_mask)
+    work = _working(inputs, quality)
+    alignment, network_moving = None, (work.moving, work.moving_mask)
     if initial != "none":
         stages.enter("affine", f"{initial} alignment")
-        alignment, network_moving = _align(inputs, initial, similarity, torch_device, stages)
+        alignment, network_moving = _align(work, initial, similarity, torch_device, stages)
 
     stages.enter("network", f"running {card.name} on {torch_device}")
     forward, backward, compute = _directions(
-        inputs, network, card, alignment, network_moving, torch_device, inverse, warnings
+        work, network, card, alignment, network_moving, torch_device, inverse, warnings
     )
 
     if steps:
