@@ -1,7 +1,8 @@
 """The pipeline on the shifted chest-CT case (docs/architecture.md, docs/models.md): the fixed
 image, the shifted moving image, and the moving image warped by the network's start alone
-(``--initial none --refine-steps 0``) and by the default pipeline (guarded start + refinement pyramid), each
-with the fixed lungs outlined and its landmark error, so what is aligned shows at a glance.
+(``--initial none --refine-steps 0``) and by the default pipeline (guarded start + refinement
+pyramid), each with the fixed lungs outlined and its landmark error, so what is aligned shows
+at a glance.
 
     .venv/bin/python docs/figures/make_lung_result_figure.py
 
