@@ -52,7 +52,7 @@ def test_bench_scaling_rows_show_linearity_and_sizes_left_out(bench, monkeypatch
 
 def test_bench_run_all_scaling_edges(bench) -> None:
     run_all = bench("run_all")
-    options = dict(model=[], unet=None, air=None)
+    options = dict(model=[], unet=None, air=None, peers_only=False, bench_cases=False)
     quick = run_all.commands(run_all.argparse.Namespace(quick=True, **options))
     full = run_all.commands(run_all.argparse.Namespace(quick=False, **options))
     assert quick["scaling"][-2:] == ["--max-edge", "128"]

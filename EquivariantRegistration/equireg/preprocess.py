@@ -94,7 +94,8 @@ def robust_normalise(values: np.ndarray, bounds: tuple[float, float]) -> np.ndar
 
 
 def window_coverage(values: np.ndarray, spec: dict[str, Any]) -> float:
-    """Fraction of voxels strictly inside a ``window`` preprocessing's range (1 for others).
+    """Fraction of voxels inside a ``window`` preprocessing's range, 1 % of its width in from
+    each end (1 for other preprocessing).
 
     A CT window on an image that is not CT in HU (MR, a CT stored without its rescale
     intercept, a label map) leaves almost every voxel clipped: the network would see a
@@ -102,5 +103,7 @@ def window_coverage(values: np.ndarray, spec: dict[str, Any]) -> float:
     if spec["kind"] != "window":
         return 1.0
     sample = _sample(values)
-    inside = (sample > float(spec["low"])) & (sample < float(spec["high"]))
+    low, high = float(spec["low"]), float(spec["high"])
+    margin = 0.01 * (high - low)  # smoothing rings: a 0 background becomes −1e-5, not tissue
+    inside = (sample > low + margin) & (sample < high - margin)
     return float(inside.mean())
