@@ -37,7 +37,9 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line naming the option (``--help`` has the rest)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"equireg: error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        command = self.prog.removeprefix("equireg").strip()  # "register", or "" at the top
+        where = f"{command}: " if command else ""
+        print(f"equireg: error: {where}{message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_INPUT)
 
 
