@@ -75,14 +75,11 @@ def _as_mask(mask: ImageLike | None, reference: sitk.Image, role: str) -> sitk.I
 
 @dataclass
 class _Options:
-    """The checked run options (``options.RUN_OPTIONS``), with defaults resolved."""
+    """What each direction's refinement needs of the checked run options, defaults resolved."""
 
-    initial: str
     similarity: Similarity | None  # None: auto (refine.choose_similarity)
     quality: str
     steps: int
-    field_grid: str
-    inverse: bool
 
 
 @dataclass
@@ -393,7 +390,7 @@ def register(
     )
     steps = QUALITY[quality].steps if refine_steps is None else refine_steps
     measure = None if similarity == "auto" else get_similarity(similarity)
-    options = _Options(initial, measure, quality, steps, field_grid, inverse)
+    options = _Options(measure, quality, steps)
     options_report = {
         "initial": initial,
         "similarity": similarity,

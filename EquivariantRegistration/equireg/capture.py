@@ -28,11 +28,10 @@ MIN_WINDOW_COVERAGE = 0.02  # below this fraction of voxels inside a model's win
 
 @dataclass
 class Capture:
-    """The network's map as a physical point map (fixed -> moving LPS mm), and on what it ran."""
+    """The network's map as a physical point map (fixed -> moving LPS mm), and where it ran."""
 
     map: PointMap
     device: torch.device
-    frames: tuple[Grid, Grid]
 
 
 def _frame_input(
@@ -103,4 +102,4 @@ def capture(
     def point_map(points: np.ndarray) -> np.ndarray:
         return network_map_points(phi, frames[0], frames[1], points, values)
 
-    return Capture(point_map, values.device, frames)
+    return Capture(point_map, values.device)

@@ -49,13 +49,6 @@ def network_input(
     return torch.from_numpy(values)[None, None], grid
 
 
-def network_mask(mask: sitk.Image, shape: tuple[int, ...]) -> torch.Tensor:
-    """``mask`` on the network grid of ``shape`` as ``(1, 1, *shape)`` float in {0, 1}."""
-    grid = Grid.of(mask).resized(shape)
-    inside = sitk.GetArrayFromImage(resample_to_grid(mask, grid, sitk.sitkNearestNeighbor))
-    return torch.from_numpy((inside > 0).astype(np.float32))[None, None]
-
-
 _PERCENTILE_SAMPLES = 1 << 20  # voxels a percentile is taken over (evenly strided), for speed
 
 
