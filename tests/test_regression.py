@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from equireg.api import register
 from equireg.cases import VARIANTS, Case, find_cases, identity_score, score
 from equireg.evaluate import overlap_mask, target_registration_error
-from equireg.io import read_landmarks
-from equireg.models import read_card
+from equireg.io import read_image, read_landmarks
+from equireg.models import auto_model, read_card
 
 TESTING = Path(__file__).resolve().parents[1] / "Testing"
 CASES = find_cases(TESTING)
@@ -75,6 +75,8 @@ def test_the_truth_of_each_case_registers_its_images(case: Case):
 def test_bundled_model_holds_the_thresholds(case: Case):
     expected = _expected(case.folder.parent.name)
     limits = expected["cases"][case.name]["thresholds"]
+    images = [sitk.GetArrayFromImage(read_image(path)) for path in (case.fixed, case.moving)]
+    assert auto_model(len(images[0].shape), images)[0] == expected["model"]  # the default's
     result = register(str(case.fixed), str(case.moving), model=expected["model"], device="cpu")
     measured = score(case, result.transform)
     assert measured["tre_mean_mm"] <= limits["tre_mean_mm_max"], measured

@@ -410,7 +410,11 @@ def register(
     stages.enter("load", "reading images and model")
     torch_device = resolve_device(device)
     inputs = _load(fixed, moving, fixed_mask, moving_mask, notices)
-    card = read_card(model, inputs.fixed.GetDimension())
+    card = read_card(
+        model,
+        inputs.fixed.GetDimension(),
+        [sitk.GetArrayViewFromImage(image) for image in (inputs.fixed, inputs.moving)],
+    )
     network = load_network(card)
     if not card.trained:
         notices.append(f"model {card.name} is UNTRAINED (random weights): its map is not used")
@@ -421,7 +425,7 @@ def register(
         stages.enter("affine", f"{initial} alignment")
         alignment, network_moving = _align(work, initial, similarity, torch_device, stages)
 
-    stages.enter("network", f"running {card.name} on {torch_device}")
+    stages.enter("network", f"running {card.name} ({card.chosen}) on {torch_device}")
     forward, backward, compute = _directions(
         work, network, card, alignment, network_moving, torch_device, inverse, warnings
     )

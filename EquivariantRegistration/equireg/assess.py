@@ -27,11 +27,30 @@ from .evaluate import (
     transform_field,
 )
 from .io import read_image, read_labels, read_landmarks, read_transform
-from .preprocess import network_input
-from .space import Grid, points_to_plane, restrict_transform
+from .preprocess import normalise_intensity
+from .space import Grid, points_to_plane, resample_to_grid, restrict_transform
 from .validate import slice_plane
 
 PathLike = str | os.PathLike
+
+
+def network_input(
+    image: sitk.Image,
+    shape: tuple[int, ...],
+    intensity: dict[str, Any],
+    mask: sitk.Image | None = None,
+) -> tuple[torch.Tensor, Grid]:
+    """Resample ``image`` to ``shape`` over its own extent and normalise it: ``(1, 1, *shape)``.
+
+    Voxels outside ``mask`` are set to zero after normalisation. Also returns the network grid.
+    """
+    grid = Grid.of(image).resized(shape)
+    values = sitk.GetArrayFromImage(resample_to_grid(image, grid))
+    values = normalise_intensity(values, intensity)
+    if mask is not None:
+        inside = sitk.GetArrayFromImage(resample_to_grid(mask, grid, sitk.sitkNearestNeighbor))
+        values = values * (inside > 0)
+    return torch.from_numpy(values)[None, None], grid
 
 
 def _read_mapping(path: PathLike, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:

@@ -217,7 +217,15 @@ def _train(args: argparse.Namespace) -> int:
         progress.refresh()
 
     try:
-        card = train(config, args.output_dir, resolve_device(args.device), args.steps, report)
+        card = train(
+            config,
+            args.output_dir,
+            resolve_device(args.device),
+            args.steps,
+            report,
+            minutes=args.minutes,
+            batch_size=args.batch_size,
+        )
     finally:
         progress.close()
     print(f"model card: {card}")
@@ -290,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="training configuration (JSON, see configs/)")
     train.add_argument("-o", "--output-dir", type=Path, required=True, help="checkpoint folder")
     train.add_argument("--steps", type=int, help="total steps (overrides the config)")
+    train.add_argument(
+        "--minutes", type=float, help="end this segment (with a checkpoint) after this wall time"
+    )
+    train.add_argument("--batch-size", type=int, help="pairs per step (overrides the config)")
     train.add_argument("--device", default="auto")
     train.add_argument("--progress", default="bar", choices=["bar", "none"])
     train.set_defaults(run=_train)

@@ -1,14 +1,14 @@
-"""Intensity preprocessing named by a model card, and images -> network tensors."""
+"""Intensity preprocessing named by a model card, background and robust ranges: NumPy only.
+
+No SimpleITK here: the training path (``data/``, ``train.py``) imports this module, and must run
+where only torch and NumPy are installed (a lent GPU machine's image).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
-import torch
-
-from .space import Grid, resample_to_grid
 
 
 def normalise_intensity(values: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -16,11 +16,15 @@ def normalise_intensity(values: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
     ``{"kind": "percentile", "low": 1, "high": 99}`` clips to the image's own percentiles
     (photographs, MR: no absolute scale); ``{"kind": "window", "low": -1000, "high": 0}`` clips
-    to fixed values (CT in HU).
+    to fixed values (CT in HU); ``{"kind": "foreground"}`` (the generic models) clips to the
+    1st and 99th percentiles of the foreground (``robust_range``), whatever the modality and
+    however much background or padding surrounds it.
     """
     kind = spec["kind"]
     if kind == "percentile":
         low, high = np.percentile(values, [spec["low"], spec["high"]])
+    elif kind == "foreground":
+        low, high = robust_range(values)
     elif kind == "window":
         low, high = float(spec["low"]), float(spec["high"])
     else:
@@ -30,25 +34,7 @@ def normalise_intensity(values: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def network_input(
-    image: sitk.Image,
-    shape: tuple[int, ...],
-    intensity: dict[str, Any],
-    mask: sitk.Image | None = None,
-) -> tuple[torch.Tensor, Grid]:
-    """Resample ``image`` to ``shape`` over its own extent and normalise it: ``(1, 1, *shape)``.
-
-    Voxels outside ``mask`` are set to zero after normalisation. Also returns the network grid.
-    """
-    grid = Grid.of(image).resized(shape)
-    values = sitk.GetArrayFromImage(resample_to_grid(image, grid))
-    values = normalise_intensity(values, intensity)
-    if mask is not None:
-        inside = sitk.GetArrayFromImage(resample_to_grid(mask, grid, sitk.sitkNearestNeighbor))
-        values = values * (inside > 0)
-    return torch.from_numpy(values)[None, None], grid
-
-
+FOREGROUND_PERCENTILES = {"kind": "foreground"}  # the generic models' preprocessing (any modality)
 _PERCENTILE_SAMPLES = 1 << 20  # voxels a percentile is taken over (evenly strided), for speed
 
 
@@ -86,6 +72,12 @@ def robust_normalise(values: np.ndarray, bounds: tuple[float, float]) -> np.ndar
     return np.clip((values - low) / scale, -0.5, 1.5).astype(np.float32)
 
 
+def fraction_within(values: np.ndarray, low: float, high: float) -> float:
+    """Fraction of voxels strictly between ``low`` and ``high`` (an even sample of them)."""
+    sample = _sample(values)
+    return float(((sample > low) & (sample < high)).mean())
+
+
 def window_coverage(values: np.ndarray, spec: dict[str, Any]) -> float:
     """Fraction of voxels inside a ``window`` preprocessing's range, 1 % of its width in from
     each end (1 for other preprocessing).
@@ -95,8 +87,6 @@ def window_coverage(values: np.ndarray, spec: dict[str, Any]) -> float:
     constant image."""
     if spec["kind"] != "window":
         return 1.0
-    sample = _sample(values)
     low, high = float(spec["low"]), float(spec["high"])
     margin = 0.01 * (high - low)  # smoothing rings: a 0 background becomes −1e-5, not tissue
-    inside = (sample > low + margin) & (sample < high - margin)
-    return float(inside.mean())
+    return fraction_within(values, low + margin, high - margin)

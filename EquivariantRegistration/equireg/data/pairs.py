@@ -38,7 +38,7 @@ def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))[:, None]
 
 
-def _random_map(
+def random_map(
     shape: tuple[int, ...], spec: dict[str, Any], generator: torch.Generator
 ) -> torch.Tensor:
     """A random diffeomorphism followed by a random shift, as map values ``(1, d, *S)``."""
@@ -79,8 +79,8 @@ def random_pairs(
     moving, fixed, true_maps = [], [], []
     for index in picks:
         base = pool[index : index + 1]
-        moving_map = _random_map(shape, spec, generator)
-        relative = _random_map(shape, spec, generator)
+        moving_map = random_map(shape, spec, generator)
+        relative = random_map(shape, spec, generator)
         if spec.get("breathing_max", 0) > 0:  # lungs: breathing after the random warp
             relative = _breathing(relative, spec, generator)
         # ψ_m ∘ ψ evaluated on the fixed grid: the fixed view in one interpolation of the base.

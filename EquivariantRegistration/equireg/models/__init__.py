@@ -1,7 +1,9 @@
 """Bundled models: a JSON model card beside each weights file (docs/models.md).
 
-A model is named by a preset (``retina2d``, ``lung3d``), ``auto`` (the preset for the image's
-dimension), or a path to a ``.pt`` state dict with its card at the same path with ``.json``.
+A model is named by a preset (``generic2d``, ``generic3d``, ``retina2d``, ``lung3d``), ``auto``
+(the generic model of the images' dimension, or a specialised model whose card's
+``auto_match`` rule the images meet: ``lung3d`` for chest CT in HU), or a path to a ``.pt``
+state dict with its card at the same path with ``.json``.
 Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked.
 """
 
@@ -11,17 +13,20 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..compose import RegistrationStep
 from ..errors import InputError
+from ..preprocess import fraction_within
 
 MODELS_DIR = Path(__file__).resolve().parent
-PRESETS = {2: "retina2d", 3: "lung3d"}
+GENERIC = {2: "generic2d", 3: "generic3d"}  # what ``auto`` picks unless a card's rule matches
 
 
 @dataclass
@@ -30,6 +35,7 @@ class ModelCard:
 
     path: Path  # the card's own path
     data: dict[str, Any]
+    chosen: str = "by name"  # why this model runs: by name, or the ``auto`` rule that picked it
 
     @property
     def name(self) -> str:
@@ -75,17 +81,45 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_card(spec: str, dim: int | None = None) -> ModelCard:
-    """Resolve ``spec`` (``auto``, a preset name, or a path to weights or a card) to its card.
+def _matches(rule: dict[str, Any], images: Sequence[np.ndarray]) -> bool:
+    """Whether every image has at least ``rule["fraction"]`` of its voxels inside
+    ``rule["range"]`` (e.g. aerated lung, −950…−500 HU, for a chest CT model)."""
+    low, high = rule["range"]
+    return bool(images) and all(
+        fraction_within(values, low, high) >= rule["fraction"] for values in images
+    )
+
+
+def auto_model(dim: int | None, images: Sequence[np.ndarray] = ()) -> tuple[str, str]:
+    """The bundled model ``auto`` picks for ``images`` of dimension ``dim``, and why.
+
+    A specialised card with an ``auto_match`` rule (``{"range": [low, high], "fraction": f,
+    "description": ...}``) is picked when every image meets it; otherwise the generic model.
+
+    Raises:
+        InputError: no bundled model for ``dim``.
+    """
+    if dim not in GENERIC:
+        raise InputError(f"model auto: no bundled model for {dim}-D images")
+    for card_path in sorted(MODELS_DIR.glob("*.json")):
+        data = json.loads(card_path.read_text())
+        rule = data.get("auto_match")
+        if rule and data.get("dim") == dim and _matches(rule, images):
+            return data["name"], f"auto: {rule['description']}"
+    return GENERIC[dim], f"auto: the generic {dim}-D model (no specialised model's rule matched)"
+
+
+def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = ()) -> ModelCard:
+    """Resolve ``spec`` (``auto``, a preset name, or a path to weights or a card) to its card;
+    ``auto`` looks at ``images`` (voxel arrays of the fixed and moving image, any shape).
 
     Raises:
         InputError: no bundled model for ``dim``, unknown name, missing or invalid card, a
             weights path outside the card's folder, or a model of another dimension.
     """
+    chosen = "by name"
     if spec == "auto":
-        if dim not in PRESETS:
-            raise InputError(f"model auto: no bundled model for {dim}-D images")
-        spec = PRESETS[dim]
+        spec, chosen = auto_model(dim, images)
     if os.sep in spec or spec.endswith((".pt", ".json")):
         card_path = Path(spec).with_suffix(".json")
         if not card_path.is_file():
@@ -96,7 +130,7 @@ def read_card(spec: str, dim: int | None = None) -> ModelCard:
             known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.json")))
             raise InputError(f"model {spec}: unknown model name (bundled: {known})")
     try:
-        card = ModelCard(card_path, json.loads(card_path.read_text()))
+        card = ModelCard(card_path, json.loads(card_path.read_text()), chosen)
         _ = (card.name, card.dim, card.input_shape, card.preprocessing, card.architecture)
         _ = card.weights_path
     except (ValueError, KeyError, TypeError, AttributeError) as error:
