@@ -218,14 +218,19 @@ def model_dims(models: dict[str, str]) -> dict[str, int]:
 
 def warm_up(found: dict[str, System], cases: list[Case], dims: dict[str, int]) -> None:
     """One untimed run of the learnt systems on the first case of each dimension (first-call
-    kernel set-up) and the peers' imports (itk loads its modules lazily, for seconds), so that
-    times are per registration."""
-    import ants  # noqa: F401
-    import convexAdam.convex_adam_MIND  # noqa: F401
-    import itk
+    kernel set-up) and the imports of the peers in ``found`` (itk loads its modules lazily, for
+    seconds), so that times are per registration; a run restricted by ``--systems`` needs only
+    its own systems installed."""
+    if "ANTs SyN" in found:
+        import ants  # noqa: F401
+    if "ConvexAdam" in found:
+        import convexAdam.convex_adam_MIND  # noqa: F401
+    if "elastix affine+B-spline" in found:
+        import itk
 
-    itk.ElastixRegistrationMethod  # noqa: B018 - forces itk's lazy load
-    torch_peers._fireants_modules()
+        itk.ElastixRegistrationMethod  # noqa: B018 - forces itk's lazy load
+    if "FireANTs SyN" in found:
+        torch_peers._fireants_modules()
     firsts = {read_image(case.fixed).GetDimension(): case for case in reversed(cases)}
     for dim, case in sorted(firsts.items()):
         for name, system in found.items():

@@ -55,7 +55,8 @@ QUALITY = {
     "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
 }
 
-LEARNING_RATE = 0.5  # Adam step, in voxels of the level
+LEARNING_RATE = 0.5  # Adam step at the start of each level, in voxels of the level
+FINAL_RATE = 0.05  # ... decayed (cosine) to this fraction of it at the level's last step
 FINEST_STEPS = 0.5  # the finest (costliest) level runs this fraction of the steps
 
 
@@ -274,7 +275,11 @@ def optimise_level(
 ) -> tuple[torch.Tensor, LevelReport]:
     """Adam on the level's field from ``start`` ``(1, d, *S)`` mm; returns the field and a
     report. The parameter is smoothed by ``quality.smoothing`` 3-voxel box passes before use,
-    which spreads each update over neighbouring voxels (a cheap fluid-like regulariser)."""
+    which spreads each update over neighbouring voxels (a cheap fluid-like regulariser).
+
+    The step decays from ``LEARNING_RATE`` to ``FINAL_RATE`` of it (cosine), so that the level
+    ends settled rather than oscillating by half a voxel.
+    """
     began = time.perf_counter()
     scale = float(min(level.grid.spacing))
     residual = torch.zeros_like(start, requires_grad=True)
@@ -283,6 +288,9 @@ def optimise_level(
     against_fixed = similarity.bind(level.fixed)
     with torch.enable_grad():
         for step in range(steps):
+            decay = 0.5 * (1 + np.cos(np.pi * step / max(1, steps - 1)))  # 1 -> 0
+            rate = FINAL_RATE + (1 - FINAL_RATE) * decay
+            optimiser.param_groups[0]["lr"] = LEARNING_RATE * rate
             optimiser.zero_grad(set_to_none=True)
             displacement = start + scale * _smooth(residual, quality.smoothing)
             warped, inside = level.moving(level.points + displacement)
