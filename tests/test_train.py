@@ -97,6 +97,8 @@ def _state(card_path: Path) -> dict[str, torch.Tensor]:
 def test_resumed_training_matches_an_uninterrupted_run_and_logs(tmp_path):
     straight = train(copy.deepcopy(TINY_CONFIG), tmp_path / "straight", torch.device("cpu"))
     train(copy.deepcopy(TINY_CONFIG), tmp_path / "resumed", torch.device("cpu"), steps=2)
+    with open(tmp_path / "resumed" / "log.csv", "a") as log:  # a segment killed at step 3
+        log.write("3,gradicon,0,0,0,nan,nan,1\n")
     resumed = train(copy.deepcopy(TINY_CONFIG), tmp_path / "resumed", torch.device("cpu"))
     for name, value in _state(straight).items():
         assert torch.allclose(value, _state(resumed)[name], atol=1e-5), name

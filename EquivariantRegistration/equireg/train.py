@@ -125,6 +125,19 @@ def _save_checkpoint(
     temporary.replace(path)
 
 
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop the rows after ``step``: a segment stopped between checkpoints (killed, or out of
+    time on a lent machine) logged steps that the resumed run takes again."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    if len(kept) < len(lines):
+        temporary = log_path.with_suffix(".tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(log_path)
+
+
 def plot_log(log_path: Path, plot_path: Path) -> None:
     """The loss curves of ``log.csv`` (training terms and held-out map error) as a PNG."""
     import matplotlib
@@ -221,6 +234,8 @@ def train(
     pool = _data_pool(config) if start < total_steps else None
     validation = _validation_batch(config, device) if rank == 0 else None
     log_path = output / LOG
+    if rank == 0:
+        _truncate_log(log_path, start)
     write_header = rank == 0 and not log_path.exists()
     began = time.perf_counter()
     last_validation: float | None = None
