@@ -47,6 +47,7 @@ LOG_COLUMNS = [
     "validation_map_error",
     "seconds",
 ]
+LOSS_COLUMNS = ("total", "similarity", "regulariser")
 VALIDATION_SEED = 987_654_321  # never a training seed: steps use seed·1_000_003 + step
 
 
@@ -151,15 +152,25 @@ def plot_log(log_path: Path, plot_path: Path) -> None:
         return
     steps = [int(row["step"]) for row in rows]
     figure, (losses, errors) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for column in ("total", "similarity", "regulariser"):
-        losses.plot(steps, [float(row[column]) for row in rows], label=column, linewidth=0.8)
-    losses.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
+    curves = {column: [float(row[column]) for row in rows] for column in LOSS_COLUMNS}
+    for column, values in curves.items():
+        losses.plot(steps, values, label=column, linewidth=0.8)
+    positive = all(value > 0 for values in curves.values() for value in values)
+    # MIND and LNCC losses are negative similarities: a log axis would drop them
+    losses.set(
+        xlabel="step", ylabel="loss", title="training loss", yscale="log" if positive else "symlog"
+    )
     losses.legend()
+    training = [(s, float(r["map_error"])) for s, r in zip(steps, rows, strict=True)]
+    training = [(s, v) for s, v in training if v == v]
+    if training:
+        errors.plot(*zip(*training, strict=True), linewidth=0.4, alpha=0.4, label="training batch")
     validation = [(s, float(r["validation_map_error"])) for s, r in zip(steps, rows, strict=True)]
     validation = [(s, v) for s, v in validation if v == v]  # NaN where not measured
     if validation:
         errors.plot(*zip(*validation, strict=True), marker=".", label="held-out pairs")
-    errors.set(xlabel="step", ylabel="voxels", title="mean map error (held-out)")
+        errors.set_ylim(0, 2 * max(value for _, value in validation))  # batch outliers off-scale
+    errors.set(xlabel="step", ylabel="voxels", title="mean map error")
     errors.legend()
     figure.tight_layout()
     temporary = plot_path.with_suffix(".tmp.png")
