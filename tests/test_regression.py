@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -47,18 +46,24 @@ def test_every_case_has_expectations(anatomy: str):
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_the_truth_of_each_case_registers_its_images(case: Case):
-    """``moving ∘ truth = fixed``: guards the cases against an inverted truth (fixed → moving)."""
-    fixed = sitk.ReadImage(str(case.fixed), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(case.moving), sitk.sitkFloat32)
+    """``moving ∘ truth = fixed``: guards the cases against an inverted truth (fixed → moving).
+
+    Compared on the labels (warped with nearest neighbour), which every case has and which hold
+    across contrasts (the multimodal brain case's fixed image is T2-like, its moving T1)."""
+    prefix = VARIANTS[case.variant][0]
+    fixed = sitk.ReadImage(str(case.folder / "fixed_labels.nrrd"))
+    moving = sitk.ReadImage(str(case.folder / f"{prefix}_labels.nrrd"))
     truth = case.truth()
-    registered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, truth))
-    unregistered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed))
+    nearest = sitk.sitkNearestNeighbor
+    registered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, truth, nearest))
+    unregistered = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), nearest))
     target = sitk.GetArrayFromImage(fixed)
-    inside = sitk.GetArrayFromImage(overlap_mask(truth, fixed, moving)) > 0
-    # Interpolation is what is left, e.g. 0.56 vs 9.9 (photo), 0.014 vs 0.089 (vessels), 0.20 vs
-    # 56 HU (lung), 0.80 vs 340 HU (lung shifted: where the shift brought in padding).
-    error = np.abs(registered - target)[inside].mean()
-    assert error < 0.3 * np.abs(unregistered - target)[inside].mean()
+    inside = (sitk.GetArrayFromImage(overlap_mask(truth, fixed, moving)) > 0) & (target > 0)
+    # Resampled thin labels are what is left: mismatches on 0-16 % of the fixed labels' voxels
+    # against 14-95 % unregistered (measured: photo 16 vs 80 %, vessels 10 vs 71 %, brain and
+    # lung 0 vs 14-69 %).
+    mismatch = (registered != target)[inside].mean()
+    assert mismatch < 0.3 * (unregistered != target)[inside].mean()
     # The truth carries every fixed landmark onto its moving one; doing nothing does not (landmarks
     # only: the full score of a 3-D B-spline truth costs seconds, the thresholds test runs it).
     dim = fixed.GetDimension()

@@ -5,7 +5,8 @@ On synthetic pairs the true map is known; ``map_weight`` adds it as a supervised
 first ``map_steps`` steps, which gives the attention features a direct signal from random
 weights (unsupervised similarity alone reaches a useful model far slower on a CPU).
 
-The batch of step ``k`` (on rank ``r``) is drawn from a generator seeded by ``(seed, k, r)``, so
+The batch of step ``k`` (on rank ``r``) is drawn from a generator seeded by ``(seed, k, r)``, and
+the global generator (GradICON's jitter) is reseeded with it, so
 a run resumed from its checkpoint, on CPU or GPU, sees the same data as an uninterrupted one.
 Under ``torchrun`` each process trains a DistributedDataParallel replica on its own batches
 (gloo on CPU, NCCL on CUDA); rank 0 writes the log, checkpoints, plot and model.
@@ -87,11 +88,15 @@ def _pairs(
     return random_pairs(pool, size, config["data"], generator)
 
 
+def _step_seed(settings: dict[str, Any], step: int, rank: int) -> int:
+    return (settings["seed"] * 1_000_003 + step) * 64 + rank
+
+
 def _batch(
     pool: torch.Tensor, config: dict[str, Any], step: int, rank: int, device: torch.device
 ) -> TrainingBatch:
     settings = config["training"]
-    seed = (settings["seed"] * 1_000_003 + step) * 64 + rank
+    seed = _step_seed(settings, step, rank)
     batch = _pairs(pool, settings["batch_size"], config, torch.Generator().manual_seed(seed))
     return TrainingBatch(*(tensor.to(device) for tensor in batch))
 
@@ -258,6 +263,8 @@ def train(
         network.train()
         for step in range(start, total_steps):
             batch = _batch(pool, config, step, rank, device)
+            # The global generator too (GradICON's jitter): a resumed run repeats each step.
+            torch.manual_seed(_step_seed(settings, step, rank))
             warm = step < settings["warmup_steps"]
             supervised = step < settings.get("map_steps", 0)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
