@@ -62,12 +62,13 @@ def equireg(fixed: Path, moving: Path, scratch: Path, model: str, device: str) -
 
 def peer_inputs(fixed: Path, moving: Path, scratch: Path) -> tuple[Path, Path]:
     """The files the peers register: the case's own, except for CT (a fixed image reaching
-    ``CT_AIR_HU`` or below) where the bundled model for the dimension reads a fixed window (CT
-    in HU: ``lung3d``), whose window the peers get too (in HU, clipped), so that the -3024 HU
+    ``CT_AIR_HU`` or below) where the model ``auto`` picks reads a fixed window (chest CT in
+    HU: ``lung3d``), whose window the peers get too (in HU, clipped), so that the -3024 HU
     outside the scanned field and bone do not drive them. Other images (MR, photographs) are
     given as stored."""
     image = read_image(fixed)
-    spec = read_card("auto", image.GetDimension()).preprocessing
+    arrays = [sitk.GetArrayFromImage(read_image(path)) for path in (fixed, moving)]
+    spec = read_card("auto", image.GetDimension(), arrays).preprocessing
     is_ct = float(sitk.GetArrayViewFromImage(image).min()) <= CT_AIR_HU
     if spec["kind"] != "window" or not is_ct:
         return fixed, moving

@@ -139,7 +139,7 @@ def test_equivariance_error_of_the_bundled_model(
         capsys, p["fixed"], p["moving"], "--transform", p["transform"], "--equivariance", "auto"
     )
     equivariance = metrics["equivariance"]
-    assert equivariance["model"] == "retina2d"
+    assert equivariance["model"] == "generic2d"
     assert equivariance["shift_voxels"] == [8, 8]
     assert np.isfinite(equivariance["error_voxels"]) and equivariance["error_voxels"] >= 0
 

@@ -75,7 +75,7 @@ def test_one_slice_gives_3d_one_slice_outputs_on_the_fixed_geometry(
     in_memory = equireg.api.register(  # the same images, as a script holds them in memory
         sitk.ReadImage(str(tmp_path / "fixed.nrrd")), sitk.ReadImage(str(tmp_path / "moving.nrrd"))
     )
-    assert from_file.report["model"]["name"] == in_memory.report["model"]["name"] == "retina2d"
+    assert from_file.report["model"]["name"] == in_memory.report["model"]["name"] == "generic2d"
     for result in (from_file, in_memory):
         assert result.transform.GetDimension() == 3
         assert result.displacement.GetDimension() == 3 and 1 in result.displacement.GetSize()

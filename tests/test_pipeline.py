@@ -146,14 +146,15 @@ def test_a_refinement_that_makes_things_worse_returns_its_start(
 
 def test_an_mr_like_volume_skips_the_ct_models_network_with_a_warning() -> None:
     """lung3d's −1000…0 HU window would make a 0–400 image constant: the network is skipped
-    with a warning, and the refinement still registers the pair."""
+    with a warning, and the refinement still registers the pair. (``auto`` would not pick
+    lung3d for it: no voxel is aerated lung in HU.)"""
 
     def mr_like(path: Path) -> sitk.Image:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32)
         return sitk.Clamp(image + 1024.0, lowerBound=0.0) * 0.2
 
     moving = mr_like(LUNG.moving)
-    result = equireg.api.register(mr_like(LUNG.fixed), moving, quality="fast")
+    result = equireg.api.register(mr_like(LUNG.fixed), moving, model="lung3d", quality="fast")
     assert not result.report["model"]["used"]
     assert any("intensity window" in warning for warning in result.report["warnings"])
     identity = sitk.Transform(3, sitk.sitkIdentity)

@@ -133,7 +133,7 @@ def run_demo(
         refine_steps=refine_steps,
         progress=progress,
     )
-    result_dir = output / "retina2d"
+    result_dir = output / result.report["model"]["name"]  # the model auto picked
     result.save(result_dir)
     error, identity_error = truth_error_mm(result.transform, fixed, truth)
     draw_overview(fixed, moving, result_dir, output / "overview.png")
