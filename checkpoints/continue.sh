@@ -3,8 +3,8 @@
 #
 #   checkpoints/continue.sh MODEL [OUTPUT_DIR] [BATCH_SIZE]
 #
-# MODEL is a config in configs/ with a checkpoint folder here (generic2d, generic3d, retina2d,
-# lung3d). The segment ends with a checkpoint after MINUTES of wall time (default 8), so that a
+# MODEL is a config in configs/ with a checkpoint folder here (generic2d, generic3d, lung3d;
+# the config's "steps" must lie beyond the checkpoint's step: raise it first for lung3d). The segment ends with a checkpoint after MINUTES of wall time (default 8), so that a
 # lent GPU's 10-minute call limit is never hit mid-step. OUTPUT_DIR (default .train/MODEL) then
 # holds checkpoint.pt, log.csv (the committed log plus this segment's rows), loss.png and the
 # model (MODEL.pt, MODEL.json): at most 5 files, what a lent machine's $OUT brings back. Copy
@@ -13,7 +13,7 @@
 # It uses .venv/bin/python when there is one, else python3 with the repository on PYTHONPATH:
 # the training path needs only torch, NumPy, tqdm and matplotlib, so it runs on a GPU machine's
 # stock Python. On CUDA the forward pass runs under bf16 autocast (the config's "amp").
-# On a lent H200 (docs/models.md, "Continuing on a GPU"):
+# On a lent H200 (checkpoints/README.md, "One segment, on the CPU or a lent GPU"):
 #   MINUTES=8 checkpoints/continue.sh generic3d "$OUT/generic3d" 16
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,10 @@ batch=${3:-}
 python=python3
 [ -x .venv/bin/python ] && python=.venv/bin/python
 export PYTHONPATH="$PWD/EquivariantRegistration${PYTHONPATH:+:$PYTHONPATH}"
+if [ ! -f "$output/checkpoint.pt" ] && [ ! -f "checkpoints/$model/checkpoint.pt" ]; then
+  echo "checkpoints/continue.sh: no checkpoint for $model (checkpoints/$model/checkpoint.pt)" >&2
+  exit 2
+fi
 mkdir -p "$output"
 if [ ! -f "$output/checkpoint.pt" ]; then
   cp "checkpoints/$model/checkpoint.pt" "checkpoints/$model/log.csv" "$output/"

@@ -110,6 +110,8 @@ def _register(args: argparse.Namespace) -> int:
     else:
         for warning in result.report["warnings"]:
             print(f"equireg: warning: {warning}", file=sys.stderr)
+        model = result.report["model"]
+        print(f"equireg: model {model['name']} ({model['chosen']})", file=sys.stderr)
         for name, path in outputs.items():
             print(f"{name}: {path}")
     return EXIT_OK
