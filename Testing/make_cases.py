@@ -337,21 +337,30 @@ def _lung_landmarks(
     return np.array(chosen[:LUNG_LANDMARKS])
 
 
-def _describe_truth(truth: sitk.Transform, fixed_labels: sitk.Image) -> None:
-    """Print how far the truth moves the lungs and check that it does not fold."""
+def truth_field(
+    truth: sitk.Transform, fixed_labels: sitk.Image, region: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The truth's displacement on the fixed grid ``(*S, d)`` (mm), its length over ``region``
+    and its Jacobian determinant; asserts that it does not fold."""
     displacement = transform_field(truth, fixed_labels)
-    lungs = np.isin(sitk.GetArrayFromImage(fixed_labels), LUNG_LABELS)
-    length = np.linalg.norm(displacement, axis=-1)[lungs]
+    length = np.linalg.norm(displacement, axis=-1)[region]
     determinant = jacobian_determinant(
         displacement, fixed_labels.GetSpacing(), fixed_labels.GetDirection()
     )
+    assert determinant.min() > 0, "the truth folds"
+    return displacement, length, determinant
+
+
+def _describe_truth(truth: sitk.Transform, fixed_labels: sitk.Image) -> None:
+    """Print how far the truth moves the lungs and check that it does not fold."""
+    lungs = np.isin(sitk.GetArrayFromImage(fixed_labels), LUNG_LABELS)
+    displacement, length, determinant = truth_field(truth, fixed_labels, lungs)
     print(
         f"truth in the lungs: |u| mean {length.mean():.1f} mm, max {length.max():.1f} mm; "
         f"S-I max {np.abs(displacement[..., 2][lungs]).max():.1f} mm, "
         f"A-P max {np.abs(displacement[..., 1][lungs]).max():.1f} mm; "
         f"Jacobian determinant {determinant.min():.2f} to {determinant.max():.2f}"
     )
-    assert determinant.min() > 0, "the truth folds"
 
 
 def _write_lung_case(folder: Path, ct: sitk.Image, labels: sitk.Image) -> None:

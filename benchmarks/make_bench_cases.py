@@ -29,8 +29,6 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from equireg.evaluate import jacobian_determinant, transform_field
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "Testing"))
 import make_cases as testing  # noqa: E402 - Testing/ is a folder of scripts, not a package
@@ -145,18 +143,13 @@ def _spread_points(
 def _check_truth(folder: Path, truth: sitk.Transform) -> None:
     """Print the truth's size over the fixed labels and check that it does not fold."""
     fixed_labels = sitk.ReadImage(str(folder / "fixed_labels.nrrd"))
-    displacement = transform_field(truth, fixed_labels)
-    inside = sitk.GetArrayViewFromImage(fixed_labels) > 0
-    length = np.linalg.norm(displacement, axis=-1)[inside]
-    determinant = jacobian_determinant(
-        displacement, fixed_labels.GetSpacing(), fixed_labels.GetDirection()
-    )
+    inside = sitk.GetArrayFromImage(fixed_labels) > 0
+    _, length, determinant = testing.truth_field(truth, fixed_labels, inside)
     print(
         f"{folder.parent.name}/{folder.name}: truth |u| mean {length.mean():.2f} mm, "
         f"max {length.max():.2f} mm; Jacobian determinant {determinant.min():.2f} to "
         f"{determinant.max():.2f}"
     )
-    assert determinant.min() > 0, "the truth folds"
 
 
 def _finish(

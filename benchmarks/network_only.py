@@ -19,7 +19,6 @@ beats identity and every other model.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 from pathlib import Path
 
@@ -35,12 +34,6 @@ from equireg.models import load_network, read_card
 from equireg.space import Grid
 
 BUNDLED = {2: ["generic2d", "retina2d"], 3: ["generic3d", "lung3d"]}
-
-
-def _dimension(card: str) -> int:
-    path = Path(card)
-    data = json.loads((path if path.suffix == ".json" else path.with_suffix(".json")).read_text())
-    return int(data["dim"])
 
 
 def network_transform(model: str, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -70,7 +63,7 @@ def main() -> None:
         dim = fixed.GetDimension()
         generic, specialised = BUNDLED[dim]
         models = {"generic": generic, "specialised": specialised}
-        models.update({label: card for label, card in extra.items() if _dimension(card) == dim})
+        models.update({label: card for label, card in extra.items() if read_card(card).dim == dim})
         tre = {"identity": identity_score(case)["tre_mean_mm"]}
         for label, model in models.items():
             tre[label] = score(case, network_transform(model, fixed, moving))["tre_mean_mm"]

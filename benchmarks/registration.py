@@ -67,7 +67,7 @@ def peer_inputs(fixed: Path, moving: Path, scratch: Path) -> tuple[Path, Path]:
     outside the scanned field and bone do not drive them. Other images (MR, photographs) are
     given as stored."""
     image = read_image(fixed)
-    arrays = [sitk.GetArrayFromImage(read_image(path)) for path in (fixed, moving)]
+    arrays = [sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(read_image(moving))]
     spec = read_card("auto", image.GetDimension(), arrays).preprocessing
     is_ct = float(sitk.GetArrayViewFromImage(image).min()) <= CT_AIR_HU
     if spec["kind"] != "window" or not is_ct:

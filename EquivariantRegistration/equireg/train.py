@@ -284,8 +284,8 @@ def train(
             if settings.get("grad_clip"):  # optional: a baseline diverged under GradICON without
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimiser.step()
-            out_of_time = _all_agree(
-                deadline is not None and time.perf_counter() - began > deadline, world, device
+            out_of_time = deadline is not None and _all_agree(
+                time.perf_counter() - began > deadline, world, device
             )
             save_now = (
                 (step + 1) % settings["checkpoint_every"] == 0
