@@ -333,6 +333,10 @@ BAD_INPUTS = {
         "lung3d: is a 3-D model but the images are 2-D",
     ),
     "unknown model": (lambda d, f, m: [f, m, "--model", "nosuch"], "nosuch: unknown model name"),
+    "missing weights": (
+        lambda d, f, m: [f, m, "--model", str(d / "absent.pt")],
+        "absent.pt: model weights not found",
+    ),
     "bad sha256": (lambda d, f, m: [f, m, "--model", _corrupt_model(d)], "sha256 does not match"),
     "mask on other grid": (
         lambda d, f, m: [

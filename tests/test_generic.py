@@ -104,6 +104,7 @@ def test_register_reports_which_model_ran_and_why(tmp_path):
     result = register(image, image, refine_steps=0, initial="none")
     assert result.report["model"]["name"] == "generic2d"
     assert result.report["model"]["chosen"].startswith("auto: the generic 2-D model")
+    assert Path(result.report["model"]["card"]).name == "generic2d.json"
 
 
 def _tiny_generic(name: str) -> dict:
@@ -128,6 +129,15 @@ def test_training_resumes_bit_for_bit_from_the_committed_checkpoint(tmp_path, na
     assert runs[0]["step"] == runs[1]["step"] == step + 2
     for key, value in runs[0]["model"].items():
         assert torch.equal(value, runs[1]["model"][key]), key
+
+
+def test_training_says_so_when_the_checkpoint_is_already_at_the_schedule_end(tmp_path, capsys):
+    committed = REPOSITORY / "checkpoints" / "generic2d" / CHECKPOINT
+    step = int(torch.load(committed, weights_only=True)["step"])
+    shutil.copy(committed, tmp_path / CHECKPOINT)
+    card = train(_tiny_generic("generic2d"), tmp_path, torch.device("cpu"), step)
+    assert f"already at step {step}" in capsys.readouterr().err
+    assert json.loads(card.read_text())["training"]["steps"] == step
 
 
 def test_the_bundled_generic_models_are_their_committed_checkpoints():

@@ -10,6 +10,7 @@ parameter-node field and widget (docs/slicer.md, "Adding an option").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,22 @@ class RunOption:
         return "--" + self.name.replace("_", "-")
 
 
+def _bundled_models() -> str:
+    """The bundled models' names, from their cards' file names (no torch import)."""
+    cards = (Path(__file__).parent / "models").glob("*.json")
+    return ", ".join(sorted(card.stem for card in cards))
+
+
 SIMILARITIES = ("auto", "lncc", "mind", "nmi", "mse")
 QUALITIES = ("fast", "balanced", "best")
 
 RUN_OPTIONS: tuple[RunOption, ...] = (
-    RunOption("model", str, "auto", "auto, a bundled model name, or a .pt path"),
+    RunOption(
+        "model",
+        str,
+        "auto",
+        f"auto, a bundled model ({_bundled_models()}), or a .pt path with its .json card beside it",
+    ),
     RunOption("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     RunOption(
         "initial",

@@ -41,11 +41,12 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def model_report(card: Any) -> dict[str, Any]:
-    """Which model ran and why (by name or the ``auto`` rule), whether trained, the checksum
-    of its weights."""
+    """Which model ran and why (by name or the ``auto`` rule), its card's path, whether
+    trained, the checksum of its weights."""
     return {
         "name": card.name,
         "chosen": card.chosen,
+        "card": str(card.path),
         "trained": card.trained,
         "sha256": card.data.get("sha256"),
     }

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,13 @@ def train(
         else model
     )
     use_amp = device.type == "cuda" and settings.get("amp", True)
+    if start >= total_steps and rank == 0:
+        print(
+            f"equireg train: {checkpoint_path} is already at step {start} (the schedule ends at "
+            f'{total_steps}): no step to run; raise "steps" in the config or pass --steps. '
+            "Writing the model of this checkpoint.",
+            file=sys.stderr,
+        )
     pool = _data_pool(config) if start < total_steps else None
     validation = _validation_batch(config, device) if rank == 0 else None
     log_path = output / LOG

@@ -2,13 +2,15 @@
 
 Each pair is ``moving = base ∘ ψ_m`` and ``fixed = moving ∘ ψ`` (sampled from the base in one
 interpolation), where ``ψ_m`` and ``ψ`` are independent random diffeomorphisms plus independent
-translations of up to ``max_shift`` of the field of view. The network has to find ``ψ``, the
+translations of up to ``max_shift`` of the field of view (with, where the config asks, random
+rotations and scales: ``random_linear``). The network has to find ``ψ``, the
 map from fixed to moving coordinates, which is returned with the pair: unsupervised training
 ignores it, the supervised warm-up and the tests use it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,13 +40,35 @@ def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))[:, None]
 
 
+def random_linear(dim: int, spec: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """A random rotation times a random per-axis scale ``(d, d)``: rotation angles uniform within
+    ``max_rotation`` degrees about each axis, scales within ``1 ± max_scale``. ``random_map``
+    draws it only when a config sets either, so older configs keep their data stream."""
+    max_rotation = math.radians(spec.get("max_rotation", 0.0))
+    max_scale = spec.get("max_scale", 0.0)
+    linear = torch.diag(1 + (torch.rand(dim, generator=generator) * 2 - 1) * max_scale)
+    planes = [(0, 1)] if dim == 2 else [(0, 1), (0, 2), (1, 2)]
+    for first, second in planes:
+        angle = float(torch.rand((), generator=generator) * 2 - 1) * max_rotation
+        rotation = torch.eye(dim)
+        rotation[first, first] = rotation[second, second] = math.cos(angle)
+        rotation[first, second], rotation[second, first] = -math.sin(angle), math.sin(angle)
+        linear = rotation @ linear
+    return linear
+
+
 def random_map(
     shape: tuple[int, ...], spec: dict[str, Any], generator: torch.Generator
 ) -> torch.Tensor:
-    """A random diffeomorphism followed by a random shift, as map values ``(1, d, *S)``."""
+    """A random diffeomorphism, then a random rotation and scale about the centre
+    (``random_linear``), then a random shift, as map values ``(1, d, *S)``."""
+    dim = len(shape)
     warp = random_diffeomorphism(shape, spec["warp_magnitude"], spec["warp_smoothness"], generator)
-    shift = (torch.rand(len(shape), generator=generator) * 2 - 1) * spec["max_shift"]
-    return warp + shift.view(1, -1, *[1] * len(shape))
+    if spec.get("max_rotation", 0) or spec.get("max_scale", 0):
+        linear = random_linear(dim, spec, generator)
+        warp = torch.einsum("ij,bj...->bi...", linear, warp - 0.5) + 0.5
+    shift = (torch.rand(dim, generator=generator) * 2 - 1) * spec["max_shift"]
+    return warp + shift.view(1, -1, *[1] * dim)
 
 
 def _breathing(

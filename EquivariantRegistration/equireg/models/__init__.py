@@ -121,7 +121,10 @@ def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = 
     if spec == "auto":
         spec, chosen = auto_model(dim, images)
     if os.sep in spec or spec.endswith((".pt", ".json")):
-        card_path = Path(spec).with_suffix(".json")
+        given = Path(spec)
+        if given.suffix == ".pt" and not given.is_file():
+            raise InputError(f"{given}: model weights not found")
+        card_path = given.with_suffix(".json")
         if not card_path.is_file():
             raise InputError(f"{card_path}: model card not found (expected beside the weights)")
     else:
