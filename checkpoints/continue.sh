@@ -13,8 +13,11 @@
 # It uses .venv/bin/python when there is one, else python3 with the repository on PYTHONPATH:
 # the training path needs only torch, NumPy, tqdm and matplotlib, so it runs on a GPU machine's
 # stock Python. On CUDA the forward pass runs under bf16 autocast (the config's "amp").
-# On a lent H200 (checkpoints/README.md, "One segment, on the CPU or a lent GPU"):
-#   MINUTES=8 checkpoints/continue.sh generic3d "$OUT/generic3d" 16
+# WORKERS processes (default 0) generate the training pairs ahead of each step: the same pairs,
+# so a run stays bit for bit; on a GPU they would otherwise bound the step (a 64³ pair takes
+# about 0.6 s on one CPU core). On a lent H200 (checkpoints/README.md, "One segment, on the
+# CPU or a lent GPU"):
+#   MINUTES=8 WORKERS=12 checkpoints/continue.sh generic3d "$OUT/generic3d" 16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?usage: checkpoints/continue.sh MODEL [OUTPUT_DIR] [BATCH_SIZE]}
@@ -32,4 +35,5 @@ if [ ! -f "$output/checkpoint.pt" ]; then
   cp "checkpoints/$model/checkpoint.pt" "checkpoints/$model/log.csv" "$output/"
 fi
 "$python" -m equireg train "configs/$model.json" -o "$output" --device auto \
-  --minutes "${MINUTES:-8}" ${batch:+--batch-size "$batch"} --progress none
+  --minutes "${MINUTES:-8}" ${batch:+--batch-size "$batch"} --workers "${WORKERS:-0}" \
+  --progress none

@@ -131,6 +131,22 @@ def test_training_resumes_bit_for_bit_from_the_committed_checkpoint(tmp_path, na
         assert torch.equal(value, runs[1]["model"][key]), key
 
 
+def test_loader_workers_draw_the_same_pairs(tmp_path):
+    """Pairs generated ahead by two worker processes train the same weights as in-process."""
+    committed = REPOSITORY / "checkpoints" / "generic2d" / CHECKPOINT
+    step = int(torch.load(committed, weights_only=True)["step"])
+    runs = []
+    for workers in (0, 2):
+        folder = tmp_path / str(workers)
+        folder.mkdir()
+        shutil.copy(committed, folder / CHECKPOINT)
+        config = _tiny_generic("generic2d")
+        train(config, folder, torch.device("cpu"), step + 2, workers=workers)
+        runs.append(torch.load(folder / CHECKPOINT, weights_only=True)["model"])
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+
+
 def test_training_says_so_when_the_checkpoint_is_already_at_the_schedule_end(tmp_path, capsys):
     committed = REPOSITORY / "checkpoints" / "generic2d" / CHECKPOINT
     step = int(torch.load(committed, weights_only=True)["step"])

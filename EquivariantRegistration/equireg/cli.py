@@ -227,6 +227,7 @@ def _train(args: argparse.Namespace) -> int:
             report,
             minutes=args.minutes,
             batch_size=args.batch_size,
+            workers=args.workers,
         )
     finally:
         progress.close()
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes", type=float, help="end this segment (with a checkpoint) after this wall time"
     )
     train.add_argument("--batch-size", type=int, help="pairs per step (overrides the config)")
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that generate training pairs ahead of the step (same pairs; for a GPU)",
+    )
     train.add_argument("--device", default="auto")
     train.add_argument("--progress", default="bar", choices=["bar", "none"])
     train.set_defaults(run=_train)

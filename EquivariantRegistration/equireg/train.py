@@ -93,13 +93,33 @@ def _step_seed(settings: dict[str, Any], step: int, rank: int) -> int:
     return (settings["seed"] * 1_000_003 + step) * 64 + rank
 
 
-def _batch(
-    pool: torch.Tensor, config: dict[str, Any], step: int, rank: int, device: torch.device
-) -> TrainingBatch:
-    settings = config["training"]
-    seed = _step_seed(settings, step, rank)
-    batch = _pairs(pool, settings["batch_size"], config, torch.Generator().manual_seed(seed))
-    return TrainingBatch(*(tensor.to(device) for tensor in batch))
+class _StepBatches(torch.utils.data.Dataset):
+    """The training pairs of step ``i`` (on the CPU), drawn from that step's own seed: the same
+    batch whichever process makes it, so loader workers keep resumption bit for bit."""
+
+    def __init__(self, pool: torch.Tensor, config: dict[str, Any], rank: int):
+        self.pool, self.config, self.rank = pool, config, rank
+
+    def __getitem__(self, step: int) -> TrainingBatch:
+        settings = self.config["training"]
+        seed = _step_seed(settings, step, self.rank)
+        return _pairs(
+            self.pool, settings["batch_size"], self.config, torch.Generator().manual_seed(seed)
+        )
+
+
+def _step_batches(
+    pool: torch.Tensor, config: dict[str, Any], rank: int, steps: range, workers: int
+) -> torch.utils.data.DataLoader:
+    """The batches of ``steps`` in order; ``workers`` processes draw them ahead of the step
+    that uses them (the pairs are generated on the CPU: on a GPU they would bound the step)."""
+    return torch.utils.data.DataLoader(
+        _StepBatches(pool, config, rank),
+        batch_size=None,
+        sampler=steps,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def _validation_batch(config: dict[str, Any], device: torch.device) -> TrainingBatch:
@@ -210,6 +230,7 @@ def train(
     report: Callable[[int, dict[str, float]], None] = lambda _s, _p: None,
     minutes: float | None = None,
     batch_size: int | None = None,
+    workers: int = 0,
 ) -> Path:
     """Train (or continue) the model of ``config`` in ``output``; returns the model card path.
 
@@ -217,8 +238,8 @@ def train(
     present. ``minutes`` ends the segment at the first step after that much wall time (with a
     checkpoint), so that a lent GPU's time limit is never hit mid-step. ``batch_size``
     overrides the config's (e.g. a larger batch on a GPU; resumption is bit-for-bit for one
-    batch size). At the end the weights and card (with training facts) are written to
-    ``output``.
+    batch size). ``workers`` processes generate the pairs ahead (the same pairs as without).
+    At the end the weights and card (with training facts) are written to ``output``.
     """
     settings = dict(config["training"])
     if batch_size is not None:
@@ -269,8 +290,13 @@ def train(
         if write_header:
             log.writerow(LOG_COLUMNS)
         network.train()
-        for step in range(start, total_steps):
-            batch = _batch(pool, config, step, rank, device)
+        batches = (
+            _step_batches(pool, config, rank, range(start, total_steps), workers)
+            if start < total_steps
+            else []
+        )
+        for step, pairs in zip(range(start, total_steps), batches, strict=False):
+            batch = TrainingBatch(*(tensor.to(device) for tensor in pairs))
             # The global generator too (GradICON's jitter): a resumed run repeats each step.
             torch.manual_seed(_step_seed(settings, step, rank))
             warm = step < settings["warmup_steps"]
