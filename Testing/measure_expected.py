@@ -24,7 +24,7 @@ from equireg.cases import find_cases, identity_score, score
 from equireg.models import read_card
 
 HERE = Path(__file__).resolve().parent
-ANATOMY_MODELS = {"brain": "generic2d", "retina": "generic2d", "lung": "lung3d"}  # auto's picks
+ANATOMY_MODELS = {"brain": "generic2d", "retina": "generic2d", "lung": "generic3d"}  # auto's picks
 
 
 def thresholds(measured: dict[str, float]) -> dict[str, float]:

@@ -8,8 +8,9 @@ bundled model on CPU (and CUDA when present); models given with ``--model NAME=P
 U-Net-only and AiR baselines); elastix (PyPI ``itk-elastix``, default affine + B-spline maps);
 ANTs SyN (PyPI ``antspyx``); a SimpleITK pipeline (correlation, affine then B-spline);
 ConvexAdam (PyPI ``convexadam``) and FireANTs (PyPI ``fireants``) on the CPU (``torch_peers``).
-On 3-D cases equireg uses the bundled 3-D model (``auto``: ``lung3d``), the peers get CT in HU
-clipped to that model's intensity window and settings for a CT volume (see ``PEERS_3D``), and
+On 3-D cases equireg uses the bundled 3-D model (``auto``: ``generic3d``), the peers get CT in
+HU clipped to air…soft tissue (``PEER_CT_WINDOW_HU``) and settings for a CT volume (see
+``PEERS_3D``), and
 a ``--model`` whose dimension differs from the case's is not run (said below the table).
 ``--cases`` picks other case folders (``make bench-cases`` builds ``.data/bench-cases``: brain
 MR, multimodal MR, a second chest CT, a larger warp of the fundus photograph); ``--peers-only``
@@ -50,6 +51,7 @@ System = Callable[[Path, Path, Path], sitk.Transform]
 # on the CT (10 %: about 1 min on one thread, 5 %: about 30 s, for much the same accuracy).
 PEERS_3D = {"elastix_grid_mm": 15.0, "simpleitk_sampling": 0.05}
 CT_AIR_HU = -900.0  # a fixed image this dark somewhere is taken for CT in HU (air is -1000)
+PEER_CT_WINDOW_HU = (-1000.0, 0.0)  # air to soft tissue: lung3d's window, the peers' since 59ef6fc
 
 
 def identity(fixed: Path, moving: Path, scratch: Path) -> sitk.Transform:
@@ -61,18 +63,15 @@ def equireg(fixed: Path, moving: Path, scratch: Path, model: str, device: str) -
 
 
 def peer_inputs(fixed: Path, moving: Path, scratch: Path) -> tuple[Path, Path]:
-    """The files the peers register: the case's own, except for CT (a fixed image reaching
-    ``CT_AIR_HU`` or below) where the model ``auto`` picks reads a fixed window (chest CT in
-    HU: ``lung3d``), whose window the peers get too (in HU, clipped), so that the -3024 HU
-    outside the scanned field and bone do not drive them. Other images (MR, photographs) are
-    given as stored."""
+    """The files the peers register: the case's own, except for a CT volume (3-D, a fixed
+    image reaching ``CT_AIR_HU`` or below), which the peers get clipped to
+    ``PEER_CT_WINDOW_HU`` so that the -3024 HU outside the scanned field and bone do not drive
+    them. Other images (MR, photographs, 2-D) are given as stored."""
     image = read_image(fixed)
-    arrays = [sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(read_image(moving))]
-    spec = read_card("auto", image.GetDimension(), arrays).preprocessing
     is_ct = float(sitk.GetArrayViewFromImage(image).min()) <= CT_AIR_HU
-    if spec["kind"] != "window" or not is_ct:
+    if image.GetDimension() != 3 or not is_ct:
         return fixed, moving
-    low, high = float(spec["low"]), float(spec["high"])
+    low, high = PEER_CT_WINDOW_HU
     clipped = []
     for role, path in (("fixed", fixed), ("moving", moving)):
         clipped.append(scratch / f"{role}_window.nrrd")

@@ -69,7 +69,7 @@ def test_bench_peers_get_ct_in_its_window_and_2d_as_stored(bench, tmp_path) -> N
         sitk.WriteImage(sitk.GetImageFromArray(values), str(paths[-1]))
     fixed, moving = registration.peer_inputs(*paths, tmp_path)
     clipped = sitk.GetArrayFromImage(sitk.ReadImage(str(fixed)))
-    low, high = (registration.read_card("lung3d").preprocessing[k] for k in ("low", "high"))
+    low, high = registration.PEER_CT_WINDOW_HU
     assert clipped.min() == low and clipped.max() == high and moving != paths[1]
     flat = tmp_path / "flat.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(values[0].astype(np.float32)), str(flat))

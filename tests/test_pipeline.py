@@ -146,8 +146,8 @@ def test_a_refinement_that_makes_things_worse_returns_its_start(
 
 def test_an_mr_like_volume_skips_the_ct_models_network_with_a_warning() -> None:
     """lung3d's −1000…0 HU window would make a 0–400 image constant: the network is skipped
-    with a warning, and the refinement still registers the pair. (``auto`` would not pick
-    lung3d for it: no voxel is aerated lung in HU.)"""
+    with a warning, and the refinement still registers the pair. (``auto`` picks generic3d,
+    whose preprocessing fits any intensity range.)"""
 
     def mr_like(path: Path) -> sitk.Image:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32)

@@ -1,8 +1,8 @@
 """Bundled models: a JSON model card beside each weights file (docs/models.md).
 
 A model is named by a preset (``generic2d``, ``generic3d``, ``retina2d``, ``lung3d``), ``auto``
-(the generic model of the images' dimension, or a specialised model whose card's
-``auto_match`` rule the images meet: ``lung3d`` for chest CT in HU), or a path to a ``.pt``
+(the generic model of the images' dimension, or a specialised model whose card has an
+``auto_match`` rule the images meet; no bundled card has one now), or a path to a ``.pt``
 state dict with its card at the same path with ``.json``.
 Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked.
 """
