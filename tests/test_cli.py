@@ -309,6 +309,13 @@ def _corrupt_model(tmp_path: Path) -> str:
     return str(tmp_path / "retina2d.pt")
 
 
+def _renamed_model(tmp_path: Path) -> str:
+    """generic2d's weights and card copied as renamed.pt/.json: the card still names its own."""
+    for suffix in (".json", ".pt"):
+        shutil.copy(MODELS_DIR / f"generic2d{suffix}", tmp_path / f"renamed{suffix}")
+    return str(tmp_path / "renamed.pt")
+
+
 BAD_INPUTS = {
     "missing file": (lambda d, f, m: [str(d / "nope.nrrd"), m], "nope.nrrd: no such file"),
     "unreadable": (lambda d, f, m: [f, str(_junk(d))], "junk.nrrd: cannot be read"),
@@ -333,6 +340,11 @@ BAD_INPUTS = {
         "lung3d: is a 3-D model but the images are 2-D",
     ),
     "unknown model": (lambda d, f, m: [f, m, "--model", "nosuch"], "nosuch: unknown model name"),
+    "model folder": (lambda d, f, m: [f, m, "--model", str(d)], "is a folder; give the model"),
+    "card naming other weights": (
+        lambda d, f, m: [f, m, "--model", _renamed_model(d)],
+        "names weights 'generic2d.pt', not renamed.pt",
+    ),
     "missing weights": (
         lambda d, f, m: [f, m, "--model", str(d / "absent.pt")],
         "absent.pt: model weights not found",

@@ -112,7 +112,7 @@ def test_register_reports_which_model_ran_and_why(tmp_path):
     image = sitk.GetImageFromArray(values)
     result = register(image, image, refine_steps=0, initial="none")
     assert result.report["model"]["name"] == "generic2d"
-    assert result.report["model"]["chosen"].startswith("auto: the generic 2-D model")
+    assert result.report["model"]["chosen"] == "auto: the generic model for 2-D images"
     assert Path(result.report["model"]["card"]).name == "generic2d.json"
 
 

@@ -158,3 +158,35 @@ def test_unknown_data_kind_is_refused(tmp_path, kind):
     config["data"]["kind"] = kind
     with pytest.raises(ValueError, match="unknown training data kind"):
         train(config, tmp_path, torch.device("cpu"))
+
+
+def _bad_train(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    card = read_card("generic2d").path
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "out")
+    return {
+        "missing config": ([str(tmp_path / "nosuch.json"), "-o", out], "cannot read"),
+        "not JSON": ([str(tmp_path / "afile"), "-o", out], "not a JSON file"),
+        "a model card": ([str(card), "-o", out], "not a training configuration (no card.name"),
+        "output is a file": ([str(config), "-o", str(tmp_path / "afile")], "-o is a file"),
+        "no steps": ([str(config), "-o", out, "--steps", "0"], "--steps 0: must be at least 1"),
+        "empty batch": ([str(config), "-o", out, "--batch-size", "0"], "--batch-size 0"),
+        "negative workers": ([str(config), "-o", out, "--workers", "-1"], "--workers -1"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["missing config", "not JSON", "a model card", "output is a file", "no steps"]
+    + ["empty batch", "negative workers"],
+)
+def test_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, name):
+    from equireg.cli import main
+
+    arguments, message = _bad_train(tmp_path)[name]
+    assert main(["train", *arguments, "--progress", "none"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .data.generic import generic_pairs
 from .data.lung import lung_pool
 from .data.pairs import TrainingBatch, random_pairs, retina_pool
+from .errors import InputError
 from .losses import map_error, registration_loss
 from .maps import evaluate
 from .models import save_model
@@ -240,7 +241,11 @@ def train(
     overrides the config's (e.g. a larger batch on a GPU; resumption is bit-for-bit for one
     batch size). ``workers`` processes generate the pairs ahead (the same pairs as without).
     At the end the weights and card (with training facts) are written to ``output``.
+
+    Raises:
+        InputError: options ``check_options`` refuses (before anything is written).
     """
+    check_options(output, steps, batch_size, workers, minutes)
     settings = dict(config["training"])
     if batch_size is not None:
         settings["batch_size"] = batch_size
@@ -271,7 +276,7 @@ def train(
     use_amp = device.type == "cuda" and settings.get("amp", True)
     if start >= total_steps and rank == 0:
         print(
-            f"equireg train: {checkpoint_path} is already at step {start} (the schedule ends at "
+            f"equireg: warning: {checkpoint_path} is already at step {start} (the schedule ends at "
             f'{total_steps}): no step to run; raise "steps" in the config or pass --steps. '
             "Writing the model of this checkpoint.",
             file=sys.stderr,
@@ -373,5 +378,50 @@ def train(
     return save_model(model.eval(), card, output).path
 
 
+CONFIG_KEYS = {"card": ("name", "dim", "input_shape", "architecture"), "data": ("kind",)}
+TRAINING_KEYS = ("seed", "steps", "batch_size", "lr", "similarity", "warmup_steps")
+
+
 def load_config(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A training configuration (``configs/*.json``).
+
+    Raises:
+        InputError: the file is missing or unreadable, not JSON, or not a training
+            configuration (e.g. a model card), naming the first missing key.
+    """
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the configuration ({error.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a JSON file ({error})") from None
+    sections = {**CONFIG_KEYS, "training": TRAINING_KEYS}
+    for section, keys in sections.items():
+        part = config.get(section) if isinstance(config, dict) else None
+        missing = [key for key in keys if not isinstance(part, dict) or key not in part]
+        if missing:
+            raise InputError(
+                f"{path}: not a training configuration (no {section}.{missing[0]}; see configs/)"
+            )
+    return config
+
+
+def check_options(
+    output: Path, steps: int | None, batch_size: int | None, workers: int, minutes: float | None
+) -> None:
+    """Refuse ``train``'s options before anything is written.
+
+    Raises:
+        InputError: an output folder that is a file, fewer than one step or pair per step, a
+            negative worker count or time limit.
+    """
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: -o is a file; give a folder for the checkpoint")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    if workers < 0:
+        raise InputError(f"--workers {workers}: must be 0 or more")
+    if minutes is not None and minutes < 0:
+        raise InputError(f"--minutes {minutes:g}: must be 0 or more")

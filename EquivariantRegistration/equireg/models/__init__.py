@@ -106,7 +106,7 @@ def auto_model(dim: int | None, images: Sequence[np.ndarray] = ()) -> tuple[str,
         rule = data.get("auto_match")
         if rule and data.get("dim") == dim and _matches(rule, images):
             return data["name"], f"auto: {rule['description']}"
-    return GENERIC[dim], f"auto: the generic {dim}-D model (no specialised model's rule matched)"
+    return GENERIC[dim], f"auto: the generic model for {dim}-D images"
 
 
 def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = ()) -> ModelCard:
@@ -117,14 +117,17 @@ def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = 
         InputError: no bundled model for ``dim``, unknown name, missing or invalid card, a
             weights path outside the card's folder, or a model of another dimension.
     """
-    chosen = "by name"
+    chosen, given_weights = "by name", None
     if spec == "auto":
         spec, chosen = auto_model(dim, images)
     if os.sep in spec or spec.endswith((".pt", ".json")):
         given = Path(spec)
+        if given.is_dir():
+            raise InputError(f"{given}: is a folder; give the model's NAME.pt (card NAME.json)")
         if given.suffix == ".pt" and not given.is_file():
             raise InputError(f"{given}: model weights not found")
         card_path = given.with_suffix(".json")
+        given_weights = given if given.suffix == ".pt" else None
         if not card_path.is_file():
             raise InputError(f"{card_path}: model card not found (expected beside the weights)")
     else:
@@ -138,6 +141,11 @@ def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = 
         _ = card.weights_path
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{card_path}: invalid model card ({error})") from None
+    if given_weights is not None and card.weights_path.resolve() != given_weights.resolve():
+        raise InputError(
+            f"{card_path}: names weights {card.data['weights']!r}, not {given_weights.name}; "
+            'the card and its weights must share a name (or edit the card\'s "weights")'
+        )
     if dim is not None and card.dim != dim:
         raise InputError(f"model {card.name}: is a {card.dim}-D model but the images are {dim}-D")
     return card
