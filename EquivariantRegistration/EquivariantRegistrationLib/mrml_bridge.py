@@ -34,7 +34,7 @@ import slicer
 import vtk
 from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
-from equireg.options import OUTPUT_FILES
+from equireg.options import OUTPUT_FILES, bundled_model_names
 
 from .engine import (
     EngineInputs,
@@ -341,8 +341,7 @@ def landmark_errors(
 
 def bundled_models(module_dir: Path) -> list[str]:
     """``auto`` and the names of the models shipped in ``equireg/models`` (a card per model)."""
-    cards = (module_dir / "equireg" / "models").glob("*.json")
-    return ["auto", *sorted(card.stem for card in cards)]
+    return ["auto", *bundled_model_names(module_dir / "equireg" / "models")]
 
 
 def find_regression_case(module_dir: Path, name: str) -> Path | None:

@@ -34,10 +34,12 @@ class RunOption:
         return "--" + self.name.replace("_", "-")
 
 
-def _bundled_models() -> str:
-    """The bundled models' names, from their cards' file names (no torch import)."""
-    cards = (Path(__file__).parent / "models").glob("*.json")
-    return ", ".join(sorted(card.stem for card in cards))
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # a card NAME.json per bundled model
+
+
+def bundled_model_names(folder: Path = MODELS_DIR) -> list[str]:
+    """The names of the models whose cards are in ``folder`` (standard library only)."""
+    return sorted(card.stem for card in folder.glob("*.json"))
 
 
 SIMILARITIES = ("auto", "lncc", "mind", "nmi", "mse")
@@ -48,7 +50,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "model",
         str,
         "auto",
-        f"auto, a bundled model ({_bundled_models()}), or a .pt path with its .json card beside it",
+        f"auto, a bundled model ({', '.join(bundled_model_names())}), or a .pt path with its "
+        ".json card beside it",
     ),
     RunOption("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     RunOption(

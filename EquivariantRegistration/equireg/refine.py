@@ -417,7 +417,7 @@ def refine(
     chosen = max(scores, key=lambda name: (scores[name], -list(starts).index(name)))
     warnings: list[str] = []
     levels: list[LevelReport] = []
-    displacement = field_tensor(starts[chosen](grids[0]), pair.device)
+    displacement = fields[chosen]
     level = coarse
     start_returned = False
     prior = field_prior(dim, overlap(coarse, fields[chosen]))

@@ -128,8 +128,7 @@ def _validation_batch(config: dict[str, Any], device: torch.device) -> TrainingB
     size = 8 if config["card"]["dim"] == 2 else 2
     pool = _data_pool(config, held_out=True)
     generator = torch.Generator().manual_seed(VALIDATION_SEED)
-    batch = _pairs(pool, size, config, generator)
-    return TrainingBatch(*(tensor.to(device) for tensor in batch))
+    return _pairs(pool, size, config, generator).to(device)
 
 
 @torch.no_grad()
@@ -301,7 +300,7 @@ def train(
             else []
         )
         for step, pairs in zip(range(start, total_steps), batches, strict=False):
-            batch = TrainingBatch(*(tensor.to(device) for tensor in pairs))
+            batch = pairs.to(device)
             # The global generator too (GradICON's jitter): a resumed run repeats each step.
             torch.manual_seed(_step_seed(settings, step, rank))
             warm = step < settings["warmup_steps"]
@@ -378,8 +377,11 @@ def train(
     return save_model(model.eval(), card, output).path
 
 
-CONFIG_KEYS = {"card": ("name", "dim", "input_shape", "architecture"), "data": ("kind",)}
-TRAINING_KEYS = ("seed", "steps", "batch_size", "lr", "similarity", "warmup_steps")
+CONFIG_KEYS = {  # what a training configuration must hold, per section
+    "card": ("name", "dim", "input_shape", "architecture"),
+    "data": ("kind",),
+    "training": ("seed", "steps", "batch_size", "lr", "similarity", "warmup_steps"),
+}
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -395,8 +397,7 @@ def load_config(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read the configuration ({error.strerror})") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not a JSON file ({error})") from None
-    sections = {**CONFIG_KEYS, "training": TRAINING_KEYS}
-    for section, keys in sections.items():
+    for section, keys in CONFIG_KEYS.items():
         part = config.get(section) if isinstance(config, dict) else None
         missing = [key for key in keys if not isinstance(part, dict) or key not in part]
         if missing:

@@ -26,6 +26,9 @@ class TrainingBatch(NamedTuple):
     fixed: torch.Tensor  # (B, 1, *S)
     true_map: torch.Tensor  # (B, d, *S): fixed grid → moving coordinates, moving ∘ ψ = fixed
 
+    def to(self, device: torch.device) -> TrainingBatch:
+        return TrainingBatch(*(tensor.to(device) for tensor in self))
+
 
 def retina_pool(count: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     """``count`` base images ``(count, 1, *shape)``: alternately grey fundus photographs and

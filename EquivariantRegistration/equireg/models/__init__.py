@@ -23,9 +23,9 @@ import torch
 
 from ..compose import RegistrationStep
 from ..errors import InputError
+from ..options import MODELS_DIR, bundled_model_names
 from ..preprocess import fraction_within
 
-MODELS_DIR = Path(__file__).resolve().parent
 GENERIC = {2: "generic2d", 3: "generic3d"}  # what ``auto`` picks unless a card's rule matches
 
 
@@ -133,7 +133,7 @@ def read_card(spec: str, dim: int | None = None, images: Sequence[np.ndarray] = 
     else:
         card_path = MODELS_DIR / f"{spec}.json"
         if not card_path.is_file():
-            known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.json")))
+            known = ", ".join(bundled_model_names(MODELS_DIR))
             raise InputError(f"model {spec}: unknown model name (bundled: {known})")
     try:
         card = ModelCard(card_path, json.loads(card_path.read_text()), chosen)
