@@ -314,14 +314,22 @@ def test_usage_errors_are_one_line_naming_the_option(
     _one_line(code, err, expected)
 
 
+@pytest.mark.parametrize("where", ["before the command", "after it"])
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(
-    pair: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture
+    where: str, pair: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     missing = tmp_path / "missing.nrrd"
-    code, err = _run(
-        ["--debug", "register", str(pair[0]), str(missing), "-o", str(tmp_path)], capfd
-    )
+    args = ["register", str(pair[0]), str(missing), "-o", str(tmp_path)]
+    args = ["--debug", *args] if where == "before the command" else [*args, "--debug"]
+    code, err = _run(args, capfd)
     assert code == 2 and err[0].startswith("Traceback") and "no such file" in err[-1]
+
+
+def test_register_help_shows_defaults_and_ranges(capfd: pytest.CaptureFixture) -> None:
+    code = main(["register", "--help"])
+    text = " ".join(capfd.readouterr().out.split())
+    assert code == 0
+    assert "(default: balanced)" in text and "0 to 10000" in text and "json (one JSON line" in text
 
 
 # --- library chatter ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import InputError, RegistrationFailure
-from .options import RUN_OPTIONS
+from .options import MAX_REFINE_STEPS, RUN_OPTIONS
 
 EXIT_OK, EXIT_INPUT, EXIT_FAILURE = 0, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -235,11 +235,14 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DEBUG_HELP = "show the traceback of an error (the exit code stays)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="equireg", description="Equivariant deep image registration (fixed ← moving)."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     reg = commands.add_parser("register", help="register MOVING to FIXED")
@@ -250,16 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
         if option.flag_only:
             reg.add_argument(option.flag, action="store_true", help=option.help)
         else:
+            shown = "" if option.default is None else f" (default: {option.default})"
             reg.add_argument(
                 option.flag,
                 type=_refine_steps if option.name == "refine_steps" else option.kind,
                 default=option.default,
                 choices=option.choices,
-                help=option.help,
+                help=option.help + shown,
             )
     reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
     reg.add_argument("--moving-mask", help="mask on the moving image's grid")
-    reg.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"])
+    reg.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "json", "none"],
+        help="auto (a bar on a terminal, nothing otherwise), bar, json (one JSON line per update "
+        "on stdout, as the Slicer module reads it) or none (default: auto)",
+    )
     reg.set_defaults(run=_register)
 
     warp = commands.add_parser("warp", help="resample IMAGE through a transform onto a reference")
@@ -314,13 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto")
     train.add_argument("--progress", default="bar", choices=["bar", "none"])
     train.set_defaults(run=_train)
+    for command in commands.choices.values():  # ``equireg register --debug`` works too
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
 def _refine_steps(text: str) -> int:
     """``--refine-steps``: a whole number in 0..MAX_REFINE_STEPS (argparse names the option)."""
-    from .validate import MAX_REFINE_STEPS
-
     try:
         value = int(text)
     except ValueError:

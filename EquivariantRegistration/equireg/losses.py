@@ -34,27 +34,35 @@ def _border_counts(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return (index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1
 
 
-RUNNING_SUM_WIDTH = 7  # from this width a running sum beats the depthwise convolution (CPU)
+RUNNING_SUM_WIDTH = 5  # from this width a running sum beats the depthwise convolution (CPU)
 
 
 def _running_box_sum(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
     """The sum over the ``width`` voxels around each position along ``axis`` (cropped at the
-    borders), from a cumulative sum: ``O(1)`` work per voxel whatever the width."""
+    borders), from a cumulative sum ``c``: ``c[min(i + r, n − 1)] − c[i − r − 1]`` (the second
+    term 0 for ``i ≤ r``), ``O(1)`` work per voxel whatever the width."""
     length, radius = x.shape[axis], width // 2
     cumulative = torch.cumsum(x, dim=axis)
-    cumulative = torch.cat([torch.zeros_like(cumulative.narrow(axis, 0, 1)), cumulative], axis)
-    index = torch.arange(length, device=x.device)
-    high = (index + radius + 1).clamp(max=length)
-    low = (index - radius).clamp(min=0)
-    return cumulative.index_select(axis, high) - cumulative.index_select(axis, low)
+    if radius >= length - 1:  # every box holds the whole axis
+        return cumulative.narrow(axis, length - 1, 1).expand_as(x)
+    last = cumulative.narrow(axis, length - 1, 1)
+    shape = [-1] * x.dim()
+    shape[axis] = radius
+    high = torch.cat([cumulative.narrow(axis, radius, length - radius), last.expand(shape)], axis)
+    inner = length - radius - 1
+    low = cumulative.narrow(axis, 0, inner)
+    return torch.cat(
+        [high.narrow(axis, 0, radius + 1), high.narrow(axis, radius + 1, inner) - low], axis
+    )
 
 
 def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """Mean over the box around each voxel, the box cropped to the image at the border.
 
     One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``): a depthwise
-    convolution with zero padding (a running sum from ``RUNNING_SUM_WIDTH`` voxels on: about
-    twice as fast at 9 on a CPU, equal within float32 rounding), divided by the number of
+    convolution with zero padding (a running sum from ``RUNNING_SUM_WIDTH`` voxels on: on a
+    CPU, forward and backward of a 90×102×84 field, 1.2× as fast at 5 and 2.5× at 9; equal
+    within float32 rounding), divided by the number of
     voxels inside, which is exact for the cropped box because it is a product of intervals.
     """
     dims = x.dim() - 2

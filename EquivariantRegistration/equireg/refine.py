@@ -54,38 +54,53 @@ QUALITY = {
     "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
 }
 
-LEARNING_RATE = 0.5  # Adam step at the start of each level, in voxels of the level
-FINAL_RATE = 0.05  # ... decayed (cosine) to this fraction of it at the level's last step
+FINAL_RATE = 0.05  # Adam's step decays (cosine) to this fraction of the prior's at the end
 FINEST_STEPS = 0.5  # the finest (costliest) level runs this fraction of the steps
 
 
 @dataclass(frozen=True)
 class FieldPrior:
-    """How a level's field is regularised: its parameter is low-passed before use by
-    ``passes`` box filters of ``width`` level voxels (about a Gaussian of
-    σ = √(passes·(width² − 1)/12) voxels), and the similarity's diffusion weight is scaled by
-    ``diffusion_scale``."""
+    """How a level's field is regularised and optimised.
+
+    The field's parameter is low-passed before use by ``passes`` box filters of ``width``
+    voxels along the level's finest axis and the same length in mm along coarser ones (about a
+    Gaussian of σ = √(passes·(width² − 1)/12) voxels; ``prior_window``); the similarity's
+    diffusion weight is scaled by ``diffusion_scale``; Adam's step starts at
+    ``learning_rate`` level voxels. With ``smooth_network_start`` a start that contains the
+    network's map is low-passed by the same filter on the coarsest level first: a prior that
+    adds only smooth corrections cannot remove the noise of the network's coarse grid.
+    """
 
     passes: int
     width: int
     diffusion_scale: float
+    learning_rate: float
+    smooth_network_start: bool
 
 
-# ``smooth`` (σ ≈ 4.5 voxels, a quarter of the diffusion weight) for 3-D pairs whose start maps
-# nearly all of the fixed image into the moving one; ``diffusion`` otherwise. In 2-D the
-# low-pass lost on the vessel mask and folded the shifted photograph; where part of the fixed
-# image has no moving data (a slab, a large shift out of the field of view) the weak penalty let
-# the field squeeze the fixed image into the slab (9.1 against 2.4 mm) and the low-pass alone
-# cost the shifted lung case 0.51 → 0.68 mm. Chosen on the regression and benchmark cases
-# (docs/benchmarks.md, "Refinement prior").
-PRIORS = {"smooth": FieldPrior(3, 9, 0.25), "diffusion": FieldPrior(1, 3, 1.0)}
-SMOOTH_MIN_OVERLAP = 0.9  # the share of the fixed image the start must map into the moving
+# ``smooth`` (σ ≈ 4.5 voxels, a quarter of the diffusion weight) in 3-D, ``diffusion`` in 2-D,
+# where the low-pass cost the vessel mask (0.019 → 0.032 mm) and the multimodal slices (0.25 →
+# 0.33 mm). Chosen on the regression and benchmark cases (docs/benchmarks.md, "Refinement
+# prior"), with the slab and re-stored CTs of tests/test_pipeline.py.
+PRIORS = {
+    "smooth": FieldPrior(3, 9, 0.25, learning_rate=0.25, smooth_network_start=True),
+    "diffusion": FieldPrior(1, 3, 1.0, learning_rate=0.5, smooth_network_start=False),
+}
 
 
-def field_prior(dim: int, covered: float) -> str:
-    """The ``PRIORS`` name for a ``dim``-D pair whose start maps ``covered`` of the fixed image
-    into the moving image (``overlap``)."""
-    return "smooth" if dim == 3 and covered >= SMOOTH_MIN_OVERLAP else "diffusion"
+def field_prior(dim: int) -> str:
+    """The ``PRIORS`` name for a ``dim``-D pair."""
+    return "smooth" if dim == 3 else "diffusion"
+
+
+def prior_window(prior: FieldPrior, grid: Grid) -> tuple[int, ...]:
+    """The box of ``prior`` on ``grid`` in tensor-axis order: ``prior.width`` voxels along the
+    finest axis and the same length in mm (odd, at least 1) along coarser ones, so that 10 mm
+    slices are not smoothed over three times the in-plane distance (the lung case: 0.41 → 0.28
+    mm, its shifted twin 0.70 → 0.35)."""
+    spacing = np.asarray(grid.spacing[::-1], dtype=np.float64)
+    lengths = prior.width * spacing.min() / spacing
+    return tuple(int(max(1, 2 * (n // 2) + 1)) for n in lengths)
 
 
 def pyramid(fixed: Grid, budget: int, levels: int) -> list[Grid]:
@@ -121,8 +136,31 @@ def coarsened(image: sitk.Image, spacing: float) -> sitk.Image:
     return resample_to_grid(image, grid.resized(tuple(int(n) for n in reversed(size))))
 
 
+EDGE_MARGIN = 2  # level voxels a similarity reads around a voxel (LNCC's 5-voxel box; MIND)
+
+
+def _eroded(inside: torch.Tensor, margin: int) -> torch.Tensor:
+    """``inside`` ``(1, 1, *S)`` in {0, 1} less the voxels within ``margin`` of a 0 (one
+    separable pass of max pooling per axis)."""
+    pool = {4: F.max_pool2d, 5: F.max_pool3d}[inside.dim()]
+    outside = 1 - inside
+    for axis in range(inside.dim() - 2):
+        kernel = [1] * (inside.dim() - 2)
+        kernel[axis] = 2 * margin + 1
+        padding = [k // 2 for k in kernel]
+        outside = pool(outside, kernel, stride=1, padding=padding)
+    return 1 - outside
+
+
 class _MovingSampler:
-    """Reads the moving image (and its mask) at physical points, in its own voxel frame."""
+    """Reads the moving image (and its mask) at physical points, in its own voxel frame.
+
+    A point counts only where the similarity there reads real moving voxels: between the first
+    and last voxel centres (beyond them linear interpolation fades into the zero padding, an
+    edge the fixed image does not have) and ``EDGE_MARGIN`` level voxels inside. Without this
+    a moving slab pulled the fixed image into itself (8.1 against 0.87 mm on the slab of
+    tests/test_pipeline.py).
+    """
 
     def __init__(self, image: sitk.Image, mask: sitk.Image | None, device: torch.device):
         grid = Grid.of(image)
@@ -153,7 +191,9 @@ class _MovingSampler:
         """The moving image at ``points`` and the weight of each point (inside image and mask)."""
         coords = self.coords(points)
         values = sample(self.image, coords)
-        inside = ((coords > 0) & (coords < 1)).all(dim=1, keepdim=True).to(values.dtype)
+        centre = self.offset.view([1, -1] + [1] * (coords.dim() - 2))  # the first voxel's
+        inside = ((coords >= centre) & (coords <= 1 - centre)).all(dim=1, keepdim=True)
+        inside = _eroded(inside.to(values.dtype), EDGE_MARGIN)
         if self.mask is not None:
             inside = inside * sample(self.mask, coords, mode="nearest")
         return values, inside
@@ -245,9 +285,10 @@ def _normalised(image: sitk.Image, bounds: tuple[float, float]) -> sitk.Image:
     return out
 
 
-def _smooth(displacement: torch.Tensor, prior: FieldPrior) -> torch.Tensor:
-    """The prior's low-pass of a ``(1, d, *S)`` field (box means, exact at the borders)."""
-    window = (prior.width,) * (displacement.dim() - 2)
+def _smooth(displacement: torch.Tensor, prior: FieldPrior, grid: Grid) -> torch.Tensor:
+    """The prior's low-pass of a ``(1, d, *S)`` field on ``grid`` (box means, exact at the
+    borders)."""
+    window = prior_window(prior, grid)
     for _ in range(prior.passes):
         displacement = box_mean(displacement, window)
     return displacement
@@ -310,13 +351,13 @@ def optimise_level(
     2009; Avants et al., Med. Image Anal. 2008). The diffusion penalty is
     ``prior.diffusion_scale`` times the similarity's weight.
 
-    The step decays from ``LEARNING_RATE`` to ``FINAL_RATE`` of it (cosine), so that the level
-    ends settled rather than oscillating by half a voxel.
+    The step decays from ``prior.learning_rate`` to ``FINAL_RATE`` of it (cosine), so that the
+    level ends settled rather than oscillating by a fraction of a voxel.
     """
     began = time.perf_counter()
     scale = float(min(level.grid.spacing))
     residual = torch.zeros_like(start, requires_grad=True)
-    optimiser = torch.optim.Adam([residual], lr=LEARNING_RATE)
+    optimiser = torch.optim.Adam([residual], lr=prior.learning_rate)
     before = score(level, start, similarity)
     against_fixed = similarity.bind(level.fixed)
     weight = similarity.diffusion_weight * prior.diffusion_scale
@@ -324,9 +365,9 @@ def optimise_level(
         for step in range(steps):
             decay = 0.5 * (1 + np.cos(np.pi * step / max(1, steps - 1)))  # 1 -> 0
             rate = FINAL_RATE + (1 - FINAL_RATE) * decay
-            optimiser.param_groups[0]["lr"] = LEARNING_RATE * rate
+            optimiser.param_groups[0]["lr"] = prior.learning_rate * rate
             optimiser.zero_grad(set_to_none=True)
-            displacement = start + scale * _smooth(residual, prior)
+            displacement = start + scale * _smooth(residual, prior, level.grid)
             warped, inside = level.moving(level.points + displacement)
             loss = -against_fixed(warped, level.weight * inside)
             loss = loss + weight * diffusion_mm(displacement, level.grid)
@@ -334,7 +375,7 @@ def optimise_level(
             optimiser.step()
             report_step(step)
     with torch.no_grad():
-        result = start + scale * _smooth(residual.detach(), prior)
+        result = start + scale * _smooth(residual.detach(), prior, level.grid)
     after = score(level, result, similarity)
     return result, LevelReport(
         shape=list(level.grid.shape),
@@ -345,6 +386,11 @@ def optimise_level(
         time_s=round(time.perf_counter() - began, 3),
     )
 
+
+# A later start (in ``starts``' order: identity, alignment, network, both) must score more than
+# this above an earlier one to be chosen: closer scores are interpolation noise (an identity
+# network composed with the affine start scored 2·10⁻⁵ above the affine start alone).
+START_MARGIN = 1e-3
 
 MULTIMODAL_RATIO = 0.85  # r² below this share of η²: the intensities are not linearly related
 MIN_RELATION = 0.75  # ... provided η² shows a strong relation (a misaligned pair shows none)
@@ -401,9 +447,10 @@ def refine(
 
     ``similarity`` ``None`` chooses one (``choose_similarity``). Each start (identity, the
     linear alignment, the network's map: name -> field on a grid) is scored by the similarity
-    on the coarsest level; the best is refined level by level (``steps`` per level, none with
-    0). If the result scores worse than its start on the finest level, the start is returned
-    with a warning, so the result is never worse than the identity by the user's own measure.
+    on the coarsest level; the first in ``starts``' order within ``START_MARGIN`` of the best is
+    refined level by level (``steps`` per level, none with 0). If the result scores worse than
+    its start on the finest level, the start is returned with a warning, so the result is
+    never worse than the identity by the user's own measure.
     """
     dim = pair.fixed.GetDimension()
     grids = pyramid(Grid.of(pair.fixed), quality.budget[dim], quality.levels)
@@ -414,13 +461,16 @@ def refine(
     if similarity is None:
         similarity, choice = choose_similarity(coarse, fields)
     scores = {name: score(coarse, field, similarity) for name, field in fields.items()}
-    chosen = max(scores, key=lambda name: (scores[name], -list(starts).index(name)))
+    best = max(scores.values())
+    chosen = next(name for name in starts if scores[name] >= best - START_MARGIN)
     warnings: list[str] = []
     levels: list[LevelReport] = []
+    prior = field_prior(dim)
     displacement = fields[chosen]
+    if PRIORS[prior].smooth_network_start and "network" in chosen:
+        displacement = _smooth(displacement, PRIORS[prior], coarse.grid)
     level = coarse
     start_returned = False
-    prior = field_prior(dim, overlap(coarse, fields[chosen]))
     if steps > 0:
         for k, grid in enumerate(grids):
             if k > 0:

@@ -19,13 +19,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .options import BY_NAME
+from .options import BY_NAME, MAX_REFINE_STEPS
 from .space import Grid, SlicePlane
 
 Notify = Callable[[str], None]
 
 MIN_SIZE = 4  # voxels along each axis of an image to register
-MAX_REFINE_STEPS = 10_000  # per pyramid level; more is a typo, not a wish
 SLICE_KEY = "equireg.slice"  # metadata of a one-slice 3-D image read as 2-D: its 3-D grid
 
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)
