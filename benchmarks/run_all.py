@@ -63,6 +63,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
 def run(command: list[str]) -> str:
     """The block for one benchmark: its command, wall time and printed tables (or its error)."""
     load = os.getloadavg()[0]
+    code = commit()  # before the run: its figures are uncommitted changes it makes itself
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(HERE / command[0]), *command[1:]],
@@ -72,7 +73,7 @@ def run(command: list[str]) -> str:
     )
     minutes = (time.perf_counter() - start) / 60
     shown = " ".join(["python", f"benchmarks/{command[0]}", *command[1:]])
-    when = f"{minutes:.1f} min; commit {commit()}, {datetime.date.today().isoformat()}; "
+    when = f"{minutes:.1f} min; commit {code}, {datetime.date.today().isoformat()}; "
     when += f"load average {load:.1f} at its start"
     lines = [f"Command: `{shown}` ({when})", ""]
     output = [line for line in result.stdout.splitlines() if not line.startswith("Machine:")]
