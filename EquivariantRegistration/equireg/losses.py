@@ -24,9 +24,6 @@ from .maps import Map, evaluate, identity_grid, sample
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 def _border_counts(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """How many of the ``width`` voxels around each of ``length`` positions are inside."""
     index = torch.arange(length, device=like.device, dtype=like.dtype)
@@ -34,51 +31,51 @@ def _border_counts(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return (index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1
 
 
-RUNNING_SUM_WIDTH = 5  # from this width a running sum beats the depthwise convolution (CPU)
-
-
-def _running_box_sum(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
+def box_sum(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
     """The sum over the ``width`` voxels around each position along ``axis`` (cropped at the
     borders), from a cumulative sum ``c``: ``c[min(i + r, n − 1)] − c[i − r − 1]`` (the second
-    term 0 for ``i ≤ r``), ``O(1)`` work per voxel whatever the width."""
-    length, radius = x.shape[axis], width // 2
-    cumulative = torch.cumsum(x, dim=axis)
-    if radius >= length - 1:  # every box holds the whole axis
-        return cumulative.narrow(axis, length - 1, 1).expand_as(x)
-    last = cumulative.narrow(axis, length - 1, 1)
-    shape = [-1] * x.dim()
-    shape[axis] = radius
-    high = torch.cat([cumulative.narrow(axis, radius, length - radius), last.expand(shape)], axis)
-    inner = length - radius - 1
-    low = cumulative.narrow(axis, 0, inner)
-    return torch.cat(
-        [high.narrow(axis, 0, radius + 1), high.narrow(axis, radius + 1, inner) - low], axis
-    )
+    term 0 for ``i ≤ r``), ``O(1)`` work per voxel whatever the width. On a CPU, forward and
+    backward of a 3-channel 90×102×84 field, 2.4× as fast as a depthwise convolution at 3
+    voxels, 3.4× at 5 and 5.5× at 9; in 2-D at 512², about 3× (equal within float32 rounding)."""
+    return _BoxSum.apply(x, axis, width)
+
+
+class _BoxSum(torch.autograd.Function):
+    """``box_sum`` and its gradient: the operator is symmetric (voxel ``j`` is in the box of
+    ``i`` exactly when ``i`` is in the box of ``j``), so the backward pass is the same sum of
+    the incoming gradient. Autograd through the slices of the forward pass would instead build
+    a zero tensor of the full size for every slice and a reversed cumulative sum per step."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, axis: int, width: int):
+        ctx.axis, ctx.width = axis, width
+        length, radius = x.shape[axis], width // 2
+        cumulative = torch.cumsum(x, dim=axis)
+        if radius >= length - 1:  # every box holds the whole axis
+            return cumulative.narrow(axis, length - 1, 1).expand_as(x).contiguous()
+        out = torch.empty_like(x)
+        out.narrow(axis, 0, length - radius).copy_(cumulative.narrow(axis, radius, length - radius))
+        out.narrow(axis, length - radius, radius).copy_(cumulative.narrow(axis, length - 1, 1))
+        inner = length - radius - 1
+        out.narrow(axis, radius + 1, inner).sub_(cumulative.narrow(axis, 0, inner))
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
+        return _BoxSum.apply(grad, ctx.axis, ctx.width), None, None
 
 
 def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """Mean over the box around each voxel, the box cropped to the image at the border.
 
-    One 1-D pass per axis (``O(Σ window)`` work per voxel, not ``O(Π window)``): a depthwise
-    convolution with zero padding (a running sum from ``RUNNING_SUM_WIDTH`` voxels on: on a
-    CPU, forward and backward of a 90×102×84 field, 1.2× as fast at 5 and 2.5× at 9; equal
-    within float32 rounding), divided by the number of
-    voxels inside, which is exact for the cropped box because it is a product of intervals.
+    One running sum per axis (``box_sum``: ``O(1)`` work per voxel whatever the window),
+    divided by the number of voxels inside, which is exact for the cropped box because it is a
+    product of intervals.
     """
-    dims = x.dim() - 2
-    channels = x.shape[1]
     for axis, width in enumerate(window):
         if width == 1:
             continue
-        if width >= RUNNING_SUM_WIDTH:
-            summed = _running_box_sum(x, 2 + axis, width)
-        else:
-            size = [1] * dims
-            size[axis] = width
-            padding = [0] * dims
-            padding[axis] = width // 2
-            kernel = x.new_ones(channels, 1, *size)
-            summed = _CONV[dims](x, kernel, padding=padding, groups=channels)
+        summed = box_sum(x, 2 + axis, width)
         counts = _border_counts(x.shape[2 + axis], width, x)
         shape = [1] * x.dim()
         shape[2 + axis] = -1

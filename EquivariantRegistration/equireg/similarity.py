@@ -90,7 +90,7 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     window = (2 * radius + 1,) * dims
     shifted = {offset: _shifted(image, offset) for offset in neighbours}
     differences = torch.cat([(shifted[p] - shifted[q]).pow(2) for p, q in pairs], dim=1)
-    distances = box_mean(differences, window)  # one depthwise pass for all K pairs
+    distances = box_mean(differences, window)  # one pass per axis for all K pairs
     variance = distances.mean(dim=1, keepdim=True)
     mean_variance = variance.mean()
     variance = variance.clamp(min=1e-3 * mean_variance + 1e-8, max=1e3 * mean_variance + 1e-8)
