@@ -8,8 +8,20 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from equireg.errors import InputError
 from equireg.losses import box_mean, box_sum
-from equireg.refine import EDGE_MARGIN, PRIORS, _eroded, _MovingSampler, points_of, prior_window
+from equireg.refine import (
+    EDGE_MARGIN,
+    PRIORS,
+    QUALITY,
+    ImagePair,
+    _eroded,
+    _MovingSampler,
+    points_of,
+    prior_window,
+    refine,
+)
+from equireg.similarity import get as get_similarity
 from equireg.space import Grid
 
 
@@ -34,7 +46,9 @@ def test_the_prior_smooths_the_same_length_in_mm_along_thick_slices() -> None:
 
 
 def test_erosion_is_a_cube_of_the_margin() -> None:
-    inside = (torch.rand(1, 1, 12, 13, 14) > 0.2).float()
+    inside = torch.zeros(1, 1, 16, 17, 18)
+    inside[:, :, 1:15, 1:16, 1:17] = 1
+    inside[:, :, 7, 8, 9] = 0  # a hole
     cube = 1 - F.max_pool3d(1 - inside, 2 * EDGE_MARGIN + 1, stride=1, padding=EDGE_MARGIN)
     torch.testing.assert_close(_eroded(inside, EDGE_MARGIN), cube)
 
@@ -60,3 +74,24 @@ def test_the_running_sum_has_the_box_sums_gradient(length: int) -> None:
     for width in (5, 9):
         assert torch.autograd.gradcheck(lambda t, w=width: box_sum(t, 3, w), (x,))
         assert torch.autograd.gradgradcheck(lambda t, w=width: box_sum(t, 3, w), (x,))
+
+
+def test_images_that_overlap_from_no_start_are_an_input_error() -> None:
+    """Scores of −∞ everywhere used to refine the identity and report null similarities."""
+    fixed = sitk.GetImageFromArray(np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    moving = sitk.Image(fixed)
+    moving.SetOrigin([1000.0, 0.0])  # 1 m to the side
+    pair = ImagePair(fixed, moving, None, None, ((0.0, 1.0), (0.0, 1.0)), torch.device("cpu"))
+    starts = {"identity": lambda grid: np.zeros((*grid.shape, 2))}
+    with pytest.raises(InputError, match=r"do not overlap in physical space from any start"):
+        refine(pair, starts, get_similarity("lncc"), QUALITY["fast"], steps=5)
+
+
+def test_erosion_spares_an_axis_it_would_empty() -> None:
+    """A slab three voxels thick keeps its voxels along its thin axis, not in-plane."""
+    inside = torch.zeros(1, 1, 10, 20, 20)
+    inside[:, :, 4:7, 2:18, 2:18] = 1
+    eroded = _eroded(inside, EDGE_MARGIN)
+    expected = torch.zeros_like(inside)
+    expected[:, :, 4:7, 2 + EDGE_MARGIN : 18 - EDGE_MARGIN, 2 + EDGE_MARGIN : 18 - EDGE_MARGIN] = 1
+    torch.testing.assert_close(eroded, expected)

@@ -245,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    reg = commands.add_parser("register", help="register MOVING to FIXED")
+    reg = commands.add_parser(
+        "register",
+        help="register MOVING to FIXED",
+        epilog="Exit codes: 0 success, 2 bad input or usage (one line naming the file or option), "
+        "3 runtime failure, 130 cancelled, 143 terminated; outputs appear only when complete "
+        "(docs/errors.md).",
+    )
     reg.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA, DICOM folder, PNG/JPEG)")
     reg.add_argument("moving", help="moving image")
     reg.add_argument("-o", "--output-dir", required=True, help="folder for the outputs")
@@ -261,8 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=option.choices,
                 help=option.help + shown,
             )
-    reg.add_argument("--fixed-mask", help="mask on the fixed image's grid")
-    reg.add_argument("--moving-mask", help="mask on the moving image's grid")
+    reg.add_argument(
+        "--fixed-mask", help="mask on the fixed image's grid: only voxels ≠ 0 count (default: all)"
+    )
+    reg.add_argument(
+        "--moving-mask",
+        help="mask on the moving image's grid: only voxels ≠ 0 count (default: all)",
+    )
     reg.add_argument(
         "--progress",
         default="auto",

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .losses import box_mean
 from .maps import sample
 from .preprocess import robust_normalise
@@ -54,7 +55,10 @@ QUALITY = {
     "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
 }
 
-FINAL_RATE = 0.05  # Adam's step decays (cosine) to this fraction of the prior's at the end
+# Adam's step at the start of each level, in level voxels (0.5 before commit cd78f39: every
+# Testing/ and benchmark case ended as well or better at 0.25, docs/benchmarks.md) ...
+LEARNING_RATE = 0.25
+FINAL_RATE = 0.05  # ... decayed (cosine) to this fraction of it at the level's last step
 FINEST_STEPS = 0.5  # the finest (costliest) level runs this fraction of the steps
 
 
@@ -65,16 +69,15 @@ class FieldPrior:
     The field's parameter is low-passed before use by ``passes`` box filters of ``width``
     voxels along the level's finest axis and the same length in mm along coarser ones (about a
     Gaussian of σ = √(passes·(width² − 1)/12) voxels; ``prior_window``); the similarity's
-    diffusion weight is scaled by ``diffusion_scale``; Adam's step starts at
-    ``learning_rate`` level voxels. With ``smooth_network_start`` a start that contains the
-    network's map is low-passed by the same filter on the coarsest level first: a prior that
-    adds only smooth corrections cannot remove the noise of the network's coarse grid.
+    diffusion weight is scaled by ``diffusion_scale``. With ``smooth_network_start`` a start
+    that contains the network's map is low-passed by the same filter on the coarsest level
+    first: a prior that adds only smooth corrections cannot remove the noise of the network's
+    coarse grid.
     """
 
     passes: int
     width: int
     diffusion_scale: float
-    learning_rate: float
     smooth_network_start: bool
 
 
@@ -83,8 +86,8 @@ class FieldPrior:
 # 0.33 mm). Chosen on the regression and benchmark cases (docs/benchmarks.md, "Refinement
 # prior"), with the slab and re-stored CTs of tests/test_pipeline.py.
 PRIORS = {
-    "smooth": FieldPrior(3, 9, 0.25, learning_rate=0.25, smooth_network_start=True),
-    "diffusion": FieldPrior(1, 3, 1.0, learning_rate=0.5, smooth_network_start=False),
+    "smooth": FieldPrior(3, 9, 0.25, smooth_network_start=True),
+    "diffusion": FieldPrior(1, 3, 1.0, smooth_network_start=False),
 }
 
 
@@ -136,19 +139,24 @@ def coarsened(image: sitk.Image, spacing: float) -> sitk.Image:
     return resample_to_grid(image, grid.resized(tuple(int(n) for n in reversed(size))))
 
 
+HULL_TOLERANCE = 0.01  # moving voxels beyond the first and last centres that still count
 EDGE_MARGIN = 2  # level voxels a similarity reads around a voxel (LNCC's 5-voxel box; MIND)
 
 
 def _eroded(inside: torch.Tensor, margin: int) -> torch.Tensor:
     """``inside`` ``(1, 1, *S)`` in {0, 1} less the voxels within ``margin`` of a 0 (one
-    separable pass of max pooling per axis)."""
+    separable pass of max pooling per axis). An axis whose pass would remove more than half of
+    what is left is not eroded: a slab of a few thick slices keeps its voxels rather than
+    leaving no voxel to measure."""
     pool = {4: F.max_pool2d, 5: F.max_pool3d}[inside.dim()]
     outside = 1 - inside
     for axis in range(inside.dim() - 2):
         kernel = [1] * (inside.dim() - 2)
         kernel[axis] = 2 * margin + 1
         padding = [k // 2 for k in kernel]
-        outside = pool(outside, kernel, stride=1, padding=padding)
+        eroded = pool(outside, kernel, stride=1, padding=padding)
+        if float((1 - eroded).sum()) >= 0.5 * float((1 - outside).sum()):
+            outside = eroded
     return 1 - outside
 
 
@@ -157,7 +165,10 @@ class _MovingSampler:
 
     A point counts only where the similarity there reads real moving voxels: between the first
     and last voxel centres (beyond them linear interpolation fades into the zero padding, an
-    edge the fixed image does not have) and ``EDGE_MARGIN`` level voxels inside. Without this
+    edge the fixed image does not have; ``HULL_TOLERANCE`` voxels beyond them still count, so
+    that a level grid whose border points lie on those centres, as at the identity when both
+    images share a grid, does not lose or keep its border ring by float rounding) and
+    ``EDGE_MARGIN`` level voxels inside. Without this
     a moving slab pulled the fixed image into itself (8.1 against 0.87 mm on the slab of
     tests/test_pipeline.py).
     """
@@ -180,6 +191,9 @@ class _MovingSampler:
             dtype=torch.float32,
             device=device,
         )
+        # the first voxel centre less HULL_TOLERANCE voxels, in network coordinates
+        rim = (0.5 - HULL_TOLERANCE) / np.asarray(grid.size, dtype=np.float64)
+        self.rim = torch.as_tensor(rim[::-1].copy(), dtype=torch.float32, device=device)
 
     def coords(self, points: torch.Tensor) -> torch.Tensor:
         """``(1, d, *S)`` LPS mm -> ``(1, d, *S)`` moving network coordinates."""
@@ -191,8 +205,8 @@ class _MovingSampler:
         """The moving image at ``points`` and the weight of each point (inside image and mask)."""
         coords = self.coords(points)
         values = sample(self.image, coords)
-        centre = self.offset.view([1, -1] + [1] * (coords.dim() - 2))  # the first voxel's
-        inside = ((coords >= centre) & (coords <= 1 - centre)).all(dim=1, keepdim=True)
+        rim = self.rim.view([1, -1] + [1] * (coords.dim() - 2))
+        inside = ((coords >= rim) & (coords <= 1 - rim)).all(dim=1, keepdim=True)
         inside = _eroded(inside.to(values.dtype), EDGE_MARGIN)
         if self.mask is not None:
             inside = inside * sample(self.mask, coords, mode="nearest")
@@ -351,13 +365,13 @@ def optimise_level(
     2009; Avants et al., Med. Image Anal. 2008). The diffusion penalty is
     ``prior.diffusion_scale`` times the similarity's weight.
 
-    The step decays from ``prior.learning_rate`` to ``FINAL_RATE`` of it (cosine), so that the
+    The step decays from ``LEARNING_RATE`` to ``FINAL_RATE`` of it (cosine), so that the
     level ends settled rather than oscillating by a fraction of a voxel.
     """
     began = time.perf_counter()
     scale = float(min(level.grid.spacing))
     residual = torch.zeros_like(start, requires_grad=True)
-    optimiser = torch.optim.Adam([residual], lr=prior.learning_rate)
+    optimiser = torch.optim.Adam([residual], lr=LEARNING_RATE)
     before = score(level, start, similarity)
     against_fixed = similarity.bind(level.fixed)
     weight = similarity.diffusion_weight * prior.diffusion_scale
@@ -365,7 +379,7 @@ def optimise_level(
         for step in range(steps):
             decay = 0.5 * (1 + np.cos(np.pi * step / max(1, steps - 1)))  # 1 -> 0
             rate = FINAL_RATE + (1 - FINAL_RATE) * decay
-            optimiser.param_groups[0]["lr"] = prior.learning_rate * rate
+            optimiser.param_groups[0]["lr"] = LEARNING_RATE * rate
             optimiser.zero_grad(set_to_none=True)
             displacement = start + scale * _smooth(residual, prior, level.grid)
             warped, inside = level.moving(level.points + displacement)
@@ -421,6 +435,19 @@ def choose_similarity(
     return get_similarity("mind" if multimodal else "lncc"), reason
 
 
+def _extent(image: sitk.Image) -> str:
+    """The image's bounding box in LPS mm, for messages: ``x −10…250, y …``."""
+    size = np.asarray(image.GetSize(), dtype=np.float64)
+    corners = [
+        image.TransformContinuousIndexToPhysicalPoint((np.where(bits, size, 0) - 0.5).tolist())
+        for bits in np.ndindex(*(2,) * image.GetDimension())
+    ]
+    low, high = np.min(corners, axis=0), np.max(corners, axis=0)
+    return ", ".join(
+        f"{a} {lo:.0f}…{hi:.0f} mm" for a, lo, hi in zip("xyz", low, high, strict=False)
+    )
+
+
 @dataclass
 class Refined:
     """The refined field on the finest level's grid, the start it came from, and the report."""
@@ -462,6 +489,12 @@ def refine(
         similarity, choice = choose_similarity(coarse, fields)
     scores = {name: score(coarse, field, similarity) for name, field in fields.items()}
     best = max(scores.values())
+    if best == float("-inf"):
+        raise InputError(
+            f"the fixed image ({_extent(pair.fixed)}) and the moving image "
+            f"({_extent(pair.moving)}) do not overlap in physical space from any start "
+            f"({', '.join(scores)}); check their origins, spacings and directions"
+        )
     chosen = next(name for name in starts if scores[name] >= best - START_MARGIN)
     warnings: list[str] = []
     levels: list[LevelReport] = []
