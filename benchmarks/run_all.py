@@ -60,10 +60,10 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     return found
 
 
-def run(command: list[str]) -> str:
-    """The block for one benchmark: its command, wall time and printed tables (or its error)."""
+def run(command: list[str], code: str) -> str:
+    """The block for one benchmark: its command, wall time and printed tables (or its error);
+    ``code`` names the commit the run measures."""
     load = os.getloadavg()[0]
-    code = commit()  # before the run: its figures are uncommitted changes it makes itself
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(HERE / command[0]), *command[1:]],
@@ -117,11 +117,12 @@ def main() -> None:
     if args.only:
         selected = {k: v for k, v in selected.items() if k in args.only.split(",")}
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    code = commit()  # before any block: the blocks' tables and figures are changes of their own
     header = f"- Machine: {machine()}\n- Last run: {datetime.date.today().isoformat()}, "
-    header += f"commit {commit()}; blocks rewritten: {', '.join(selected)}"
+    header += f"commit {code}; blocks rewritten: {', '.join(selected)}"
     for name, command in selected.items():
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        text = replace_block(text, name, run(command))
+        text = replace_block(text, name, run(command, code))
         text = replace_block(text, "run", header)
         DOC.write_text(text)  # after every benchmark, so an interrupted run keeps what it did
     print(f"wrote {DOC}")

@@ -337,6 +337,13 @@ BAD_INPUTS = {
         lambda d, f, m: [f, str(_write(_blobs((12, 14, 16)), d / "vol.nrrd"))],
         "3-D but the fixed image is 2-D",
     ),
+    "one-slice volume vs volume": (
+        lambda d, f, m: [
+            str(_write(_blobs((12, 14, 16)), d / "vol.nrrd")),
+            str(_write(_blobs((1, 14, 16)), d / "slice.nrrd")),
+        ],
+        "the moving image is a single slice and the other a volume",
+    ),
     "3-D model for 2-D": (
         lambda d, f, m: [f, m, "--model", "lung3d"],
         "lung3d: is a 3-D model but the images are 2-D",

@@ -225,6 +225,13 @@ def check_pair(fixed: sitk.Image, moving: sitk.Image, moving_name: str) -> None:
             parallel.
     """
     if fixed.GetDimension() != moving.GetDimension():
+        slices = {"fixed": slice_plane(fixed), "moving": slice_plane(moving)}
+        single = [name for name, plane in slices.items() if plane is not None]
+        if single:  # a one-slice volume is read as 2-D: say so rather than "2-D"
+            raise InputError(
+                f"{moving_name}: the {single[0]} image is a single slice and the other a "
+                "volume; slice-to-volume registration is not supported"
+            )
         raise InputError(
             f"{moving_name}: {moving.GetDimension()}-D but the fixed image is "
             f"{fixed.GetDimension()}-D"
