@@ -103,6 +103,25 @@ def test_known_translation_scores_perfectly(
     assert similarity["mse_after"] < similarity["mse_before"]
 
 
+def test_landmarks_outside_the_moving_image_are_counted_apart(
+    translated: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A moving crop that lacks one landmark: the TRE over all of them measures an
+    extrapolation there, so the count outside and the TRE inside are reported too."""
+    p = translated
+    moving = sitk.ReadImage(str(p["moving"]))[:, :20]  # y up to −2 + 19·0.5 = 7.5 mm
+    sitk.WriteImage(moving, str(tmp_path / "crop.nrrd"))
+    options = ["--fixed-landmarks", p["fpts"], "--moving-landmarks", p["mpts"]]
+    metrics = _evaluate(
+        capsys, p["fixed"], tmp_path / "crop.nrrd", "--transform", p["transform"], *options
+    )
+    landmarks = metrics["landmarks"]
+    assert landmarks["count"] == 3 and landmarks["outside_moving"] == 2  # y = 8.5 and 18.5 mm
+    assert landmarks["after_inside_moving_mm"]["max"] < 1e-9
+    full = _evaluate(capsys, p["fixed"], p["moving"], "--transform", p["transform"], *options)
+    assert "outside_moving" not in full["landmarks"]
+
+
 @pytest.mark.parametrize("variant", ["plain", "shifted"])
 def test_identity_matches_the_case_baseline(
     variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

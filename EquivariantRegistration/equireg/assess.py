@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -100,7 +101,18 @@ def _landmarks(
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     _, before = target_registration_error(fixed_points, moving_points, identity)
     _, after = target_registration_error(fixed_points, moving_points, transform)
-    return {"count": len(fixed_points), "before_mm": before, "after_mm": after}
+    result = {"count": len(fixed_points), "before_mm": before, "after_mm": after}
+    # Landmarks the moving image does not contain (a slab, a crop) measure an extrapolation.
+    grid = Grid.of(images[1])
+    index = grid.physical_to_index(moving_points)
+    inside = np.all((index >= -0.5) & (index <= np.asarray(grid.size) - 0.5), axis=1)
+    if not inside.all():
+        result["outside_moving"] = int((~inside).sum())
+        if inside.any():
+            result["after_inside_moving_mm"] = target_registration_error(
+                fixed_points[inside], moving_points[inside], transform
+            )[1]
+    return result
 
 
 def _dice(
@@ -135,10 +147,11 @@ def assess_transform(
 
     Always: similarity before/after (``moving`` resampled onto the fixed grid without, then
     with the transform) and the folding fraction of the transform sampled on the fixed grid.
-    With landmarks: TRE (mm) before and after; with labels: Dice of the moving labels warped by
-    nearest neighbour; with ``truth``: the dense-field error (mm) over the fixed voxels whose true
-    position lies inside the moving image. Images read from one-slice 3-D files are scored in
-    their plane (a 3-D transform and 3-D landmarks are taken into it).
+    With landmarks: TRE (mm) before and after (and, when some moving landmarks lie outside the
+    moving image, their number and the TRE over the others); with labels: Dice of the moving
+    labels warped by nearest neighbour; with ``truth``: the dense-field error (mm) over the
+    fixed voxels whose true position lies inside the moving image. Images read from one-slice
+    3-D files are scored in their plane (a 3-D transform and 3-D landmarks are taken into it).
 
     Raises:
         InputError: an input ``read_image``, ``read_transform``, ``read_landmarks`` or
