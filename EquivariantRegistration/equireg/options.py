@@ -76,7 +76,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "quality",
         str,
         "balanced",
-        "refinement pyramid: fast (2 coarser levels), balanced, best (finer voxels, more steps)",
+        "refinement pyramid: fast (voxels no finer than a 256² / 64³ grid), balanced (512² / "
+        "96³), best (1024² / 160³, twice the steps)",
         QUALITIES,
     ),
     RunOption(
@@ -84,7 +85,7 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         int,
         None,
         f"refinement steps per pyramid level, 0 to {MAX_REFINE_STEPS} (default: the quality "
-        "preset's: fast 30, balanced 50, best 100); 0: the best start (identity, alignment or "
+        "preset's: fast and balanced 50, best 100); 0: the best start (identity, alignment or "
         "network) without refinement",
     ),
     RunOption(

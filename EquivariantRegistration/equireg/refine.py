@@ -50,7 +50,7 @@ class Quality:
 
 
 QUALITY = {
-    "fast": Quality({2: 256**2, 3: 48**3}, levels=2, steps=30),
+    "fast": Quality({2: 256**2, 3: 64**3}, levels=3, steps=50),
     "balanced": Quality({2: 512**2, 3: 96**3}, levels=3, steps=50),
     "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
 }
