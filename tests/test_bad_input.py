@@ -563,6 +563,7 @@ def test_a_signal_during_the_save_leaves_no_staging(
     tmp_path: Path,
     capfd: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     real = equireg.outputs.write_image
 
@@ -571,6 +572,10 @@ def test_a_signal_during_the_save_leaves_no_staging(
         os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(equireg.outputs, "write_image", write_then_signal)
+    # Python's own Ctrl-C handler, also where the shell started the tests with SIGINT ignored
+    # (a background job: ``make test &``), which would make the signal a no-op.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     out = tmp_path / "out"
     code, err = _run(["register", *map(str, pair), "-o", str(out), "--progress", "none"], capfd)
     assert code == (143 if signum == signal.SIGTERM else 130) and len(err) == 1
