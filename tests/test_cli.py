@@ -191,6 +191,8 @@ def test_refinement_defaults_to_the_quality_preset(pair_2d: tuple[Path, Path]) -
         assert steps == [preset.steps] * (preset.levels - 1) + [preset.steps // 2]
     report = equireg.api.register(*pair_2d, refine_steps=0).report
     assert report["refinement"]["levels"] == [] and "refine" not in report["timings_s"]
+    stages = {k: v for k, v in report["timings_s"].items() if k != "total"}
+    assert report["timings_s"]["total"] == pytest.approx(sum(stages.values()), abs=0.01)
 
 
 def _known_affine(fixed: sitk.Image) -> sitk.AffineTransform:

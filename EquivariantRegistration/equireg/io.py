@@ -308,8 +308,16 @@ def read_labels(path: str | os.PathLike, reference: sitk.Image, role: str) -> si
     return check_labels(read_any(path, "a label image"), reference, role, str(path))
 
 
+def file_mode() -> int:
+    """The mode a new file gets from ``open`` under this process's umask (``0o644`` usually)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` then move the result onto ``path`` in one step."""
+    """Call ``write(temporary_path)`` then move the result onto ``path`` in one step, with the
+    mode a plain ``open`` would give it (``mkstemp`` makes its files private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(
@@ -318,6 +326,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -169,12 +169,6 @@ def _unlock(path: Path, fd: int | None) -> None:
     os.close(fd)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 @dataclass
 class Result:
     """What one registration produced; ``save`` writes its files as one set (README)."""
@@ -212,9 +206,6 @@ class Result:
             report = {**self.report, "outputs": outputs}
             text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
             (staging / OUTPUT_FILES["report"]).write_text(text, encoding="utf-8")
-            mode = _file_mode()
-            for name in names:
-                os.chmod(staging / OUTPUT_FILES[name], mode)
             for name in names:
                 os.replace(staging / OUTPUT_FILES[name], output_dir / OUTPUT_FILES[name])
             for name, file_name in OUTPUT_FILES.items():
