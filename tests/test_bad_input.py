@@ -304,7 +304,7 @@ def test_bad_options_are_refused_before_any_work(
         (["--refine-steps", "2.5"], "argument --refine-steps: '2.5' is not a whole number"),
         (["--refine-steps", "99999999"], "argument --refine-steps: 99999999: must be between"),
         (["--initial", "sideways"], "argument --initial: invalid choice"),
-        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--no-such-option"], "register: unrecognized arguments: --no-such-option"),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_option(

@@ -36,6 +36,8 @@ class Terminated(BaseException):
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line naming the option (``--help`` has the rest)."""
 
+    commands: dict[str, argparse.ArgumentParser]  # the top-level parser's subcommands
+
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("equireg").strip()  # "register", or "" at the top
         where = f"{command}: " if command else ""
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
         )
+    parser.commands = commands.choices
     return parser
 
 
@@ -384,7 +387,10 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``equireg`` command; returns its exit code (docs/errors.md)."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser, as its other usage errors are
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as done:  # --help (0) or a usage error, already printed as one line
         return int(done.code or 0)
     previous = None
