@@ -308,10 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the equivariance error of MODEL (auto, a bundled name or a .pt path)",
     )
     ev.add_argument(
-        "--shift", type=int, default=8, help="moving shift in model-grid voxels (--equivariance)"
+        "--shift",
+        type=int,
+        default=8,
+        help="for --equivariance: how far the moving content is moved, in voxels of the model's "
+        "grid (default: 8)",
     )
-    ev.add_argument("--device", default="auto", help="device for --equivariance")
-    ev.add_argument("-o", "--output", help="also write the JSON to this file")
+    ev.add_argument(
+        "--device",
+        default="auto",
+        help="device for --equivariance: auto, cpu, cuda (default: auto)",
+    )
+    ev.add_argument("-o", "--output", help="also write the JSON (always printed on stdout) here")
     ev.set_defaults(run=_evaluate)
 
     demo = commands.add_parser("demo", help="register the bundled sample pair(s)")
