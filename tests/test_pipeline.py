@@ -35,9 +35,7 @@ def _landmark_error(case: Case, transform: sitk.Transform, moving: sitk.Image) -
     dim = moving.GetDimension()
     fixed_points = read_landmarks(case.folder / "fixed_landmarks.csv", dim)
     moving_points = read_landmarks(case.folder / "moving_landmarks.csv", dim)
-    grid = Grid.of(moving)
-    index = grid.physical_to_index(moving_points)
-    inside = np.all((index >= -0.5) & (index <= np.asarray(grid.size) - 0.5), axis=1)
+    inside = Grid.of(moving).contains(moving_points)
     errors, _ = target_registration_error(fixed_points[inside], moving_points[inside], transform)
     return float(np.mean(errors))
 

@@ -113,3 +113,11 @@ def test_antialiasing_smooths_only_the_shrinking_axes() -> None:
     aliased = sitk.GetArrayFromImage(resample_to_grid(image, target, antialias=False))
     assert smoothed.shape == (16, 16, 16)
     assert smoothed.std() < 0.5 * aliased.std()  # white noise averaged over ~4×4 pixels
+
+
+def test_grid_contains_its_edge_to_edge_extent() -> None:
+    image = sitk.Image([4, 3], sitk.sitkFloat32)
+    image.SetSpacing([2.0, 1.0])
+    image.SetOrigin([10.0, 0.0])  # x spans 9 … 17 mm, y −0.5 … 2.5 mm
+    points = np.array([[9.0, -0.5], [17.0, 2.5], [8.9, 1.0], [12.0, 2.6]])
+    np.testing.assert_array_equal(Grid.of(image).contains(points), [True, True, False, False])

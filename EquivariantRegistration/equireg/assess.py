@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -103,9 +102,7 @@ def _landmarks(
     _, after = target_registration_error(fixed_points, moving_points, transform)
     result = {"count": len(fixed_points), "before_mm": before, "after_mm": after}
     # Landmarks the moving image does not contain (a slab, a crop) measure an extrapolation.
-    grid = Grid.of(images[1])
-    index = grid.physical_to_index(moving_points)
-    inside = np.all((index >= -0.5) & (index <= np.asarray(grid.size) - 0.5), axis=1)
+    inside = Grid.of(images[1]).contains(moving_points)
     if not inside.all():
         result["outside_moving"] = int((~inside).sum())
         if inside.any():

@@ -35,7 +35,7 @@ from .maps import sample
 from .preprocess import robust_normalise
 from .similarity import Similarity, intensity_relation
 from .similarity import get as get_similarity
-from .space import Grid, resample_to_grid
+from .space import Grid, physical_bounds, resample_to_grid
 
 Displacement = Callable[[Grid], np.ndarray]  # a start: its field (*shape, d) mm on a grid
 
@@ -168,9 +168,8 @@ class _MovingSampler:
     edge the fixed image does not have; ``HULL_TOLERANCE`` voxels beyond them still count, so
     that a level grid whose border points lie on those centres, as at the identity when both
     images share a grid, does not lose or keep its border ring by float rounding) and
-    ``EDGE_MARGIN`` level voxels inside. Without this
-    a moving slab pulled the fixed image into itself (8.1 against 0.87 mm on the slab of
-    tests/test_pipeline.py).
+    ``EDGE_MARGIN`` level voxels inside. Without this a moving slab pulled the fixed image into
+    itself (8.1 against 0.87 mm on the slab of tests/test_pipeline.py).
     """
 
     def __init__(self, image: sitk.Image, mask: sitk.Image | None, device: torch.device):
@@ -437,14 +436,9 @@ def choose_similarity(
 
 def _extent(image: sitk.Image) -> str:
     """The image's bounding box in LPS mm, for messages: ``x −10…250, y …``."""
-    size = np.asarray(image.GetSize(), dtype=np.float64)
-    corners = [
-        image.TransformContinuousIndexToPhysicalPoint((np.where(bits, size, 0) - 0.5).tolist())
-        for bits in np.ndindex(*(2,) * image.GetDimension())
-    ]
-    low, high = np.min(corners, axis=0), np.max(corners, axis=0)
+    low, high = physical_bounds(Grid.of(image))
     return ", ".join(
-        f"{a} {lo:.0f}…{hi:.0f} mm" for a, lo, hi in zip("xyz", low, high, strict=False)
+        f"{a} {lo:.1f}…{hi:.1f} mm" for a, lo, hi in zip("xyz", low, high, strict=False)
     )
 
 

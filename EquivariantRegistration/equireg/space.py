@@ -67,6 +67,11 @@ class Grid:
         inverse = np.linalg.inv(self._index_to_physical_matrix())
         return (np.asarray(points) - np.asarray(self.origin)) @ inverse.T
 
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """``(N, d)`` LPS mm -> ``(N,)`` bool: inside the grid's edge-to-edge extent."""
+        index = self.physical_to_index(points)
+        return np.all((index >= -0.5) & (index <= np.asarray(self.size) - 0.5), axis=-1)
+
     def network_to_index(self, coords: np.ndarray) -> np.ndarray:
         """``(..., d)`` network coordinates (tensor order) -> ITK indices (x, y, z order)."""
         return np.asarray(coords)[..., ::-1] * np.asarray(self.size) - 0.5
