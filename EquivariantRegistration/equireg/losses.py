@@ -65,22 +65,55 @@ class _BoxSum(torch.autograd.Function):
         return _BoxSum.apply(grad, ctx.axis, ctx.width), None, None
 
 
-def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """Mean over the box around each voxel, the box cropped to the image at the border.
+def _inverse_counts(
+    shape: Sequence[int], window: Sequence[int], like: torch.Tensor
+) -> torch.Tensor:
+    """``(1, 1, *S)``: one over the number of voxels inside each cropped box (a product of
+    intervals, so a product of one count per axis)."""
+    inverse = like.new_ones([1, 1] + [1] * len(shape))
+    for axis, (length, width) in enumerate(zip(shape, window, strict=True)):
+        if width > 1:
+            view = [1, 1] + [1] * len(shape)
+            view[2 + axis] = -1
+            inverse = inverse / _border_counts(length, width, like).view(view)
+    return inverse
 
-    One running sum per axis (``box_sum``: ``O(1)`` work per voxel whatever the window),
-    divided by the number of voxels inside, which is exact for the cropped box because it is a
-    product of intervals.
-    """
+
+def _box_sums(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     for axis, width in enumerate(window):
-        if width == 1:
-            continue
-        summed = box_sum(x, 2 + axis, width)
-        counts = _border_counts(x.shape[2 + axis], width, x)
-        shape = [1] * x.dim()
-        shape[2 + axis] = -1
-        x = summed / counts.view(shape)
+        if width > 1:
+            x = box_sum(x, 2 + axis, width)
     return x
+
+
+class _BoxMean(torch.autograd.Function):
+    """``box_mean`` as ``S(x) · n⁻¹`` (``S`` the separable box sum, ``n`` the voxels in each
+    cropped box); its gradient is ``S(g · n⁻¹)``, ``S`` being symmetric. One multiplication
+    each way instead of a division per axis forward and backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, window: tuple[int, ...]):
+        inverse = _inverse_counts(x.shape[2:], window, x)
+        ctx.save_for_backward(inverse)
+        ctx.window = window
+        with torch.no_grad():
+            return _box_sums(x, window) * inverse
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _box_sums(grad * inverse, ctx.window), None
+
+
+def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Mean over the box around each voxel of ``x`` ``(B, C, *S)``, the box (odd ``window``
+    voxels per spatial axis) cropped to the image at the border.
+
+    One running sum per axis (``box_sum``: ``O(1)`` work per voxel whatever the window), then
+    one multiplication by the inverse number of voxels inside, which is exact for the cropped
+    box because it is a product of intervals.
+    """
+    return _BoxMean.apply(x, tuple(int(w) for w in window))
 
 
 def _window(window: int | Sequence[int], dims: int) -> tuple[int, ...]:
