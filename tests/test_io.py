@@ -85,10 +85,28 @@ def test_mask_must_share_the_image_grid(tmp_path: Path) -> None:
     other = sitk.GetImageFromArray((_smooth((8, 9)) > 0.5).astype(np.uint8))
     other.SetSpacing((2.0, 1.0))
     sitk.WriteImage(other, str(tmp_path / "shifted.nrrd"))
-    with pytest.raises(InputError, match="not on the fixed image's grid"):
+    with pytest.raises(InputError, match=r"not on the fixed image's grid \(spacing 2×1 against"):
         read_mask(tmp_path / "shifted.nrrd", image, "fixed")
     with pytest.raises(InputError, match="mask is empty"):
         read_mask(_write(np.zeros((8, 9), np.uint8), tmp_path / "empty.nrrd"), image, "fixed")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: sitk.Image(m[:, :7]), r"size 9×7 against 9×8 voxels"),
+        (lambda m: m.SetOrigin((0.0, 3.0)), r"origin \(0, 3\) against \(0, 0\) mm"),
+        (lambda m: m.SetDirection((0.0, 1.0, 1.0, 0.0)), r"direction \(axis orientation\)"),
+    ],
+    ids=["size", "origin", "direction"],
+)
+def test_a_mask_off_the_grid_is_told_what_differs(change, named: str, tmp_path: Path) -> None:
+    image = read_image(_write(_smooth((8, 9)), tmp_path / "image.nrrd"))
+    mask = sitk.GetImageFromArray(np.ones((8, 9), np.uint8))
+    changed = change(mask)
+    sitk.WriteImage(changed if changed is not None else mask, str(tmp_path / "mask.nrrd"))
+    with pytest.raises(InputError, match=named):
+        read_mask(tmp_path / "mask.nrrd", image, "fixed")
 
 
 def test_write_image_leaves_no_partial_file_on_failure(tmp_path: Path) -> None:

@@ -136,30 +136,45 @@ def check_image(image: Any, name: str, notify: Notify = lambda _m: None) -> sitk
     return image
 
 
+def grid_difference(a: Grid, b: Grid, tolerance: float = 1e-4) -> str | None:
+    """What differs between grid ``a`` and grid ``b`` (``"spacing 0.5×0.5 mm against 1×1
+    mm"``), or ``None`` when they have the same size and spacing/origin/direction equal within
+    ``tolerance`` (relative to the spacing)."""
+
+    def listed(values: tuple[float, ...] | tuple[int, ...]) -> str:
+        return "×".join(f"{v:g}" for v in values)
+
+    scale = max(max(a.spacing), 1e-12)
+    if a.size != b.size:
+        return f"size {listed(a.size)} against {listed(b.size)} voxels"
+    if not np.allclose(a.spacing, b.spacing, rtol=tolerance, atol=0):
+        return f"spacing {listed(a.spacing)} against {listed(b.spacing)} mm"
+    if not np.allclose(a.origin, b.origin, atol=tolerance * scale * 10):
+        origins = (", ".join(f"{v:g}" for v in grid.origin) for grid in (a, b))
+        return "origin ({}) against ({}) mm".format(*origins)
+    if not np.allclose(a.direction, b.direction, atol=tolerance):
+        return "direction (axis orientation) differs"
+    return None
+
+
 def same_grid(a: Grid, b: Grid, tolerance: float = 1e-4) -> bool:
     """Same size, and spacing/origin/direction equal within ``tolerance`` (relative to spacing)."""
-    if a.size != b.size:
-        return False
-    scale = max(max(a.spacing), 1e-12)
-    return (
-        np.allclose(a.spacing, b.spacing, rtol=tolerance, atol=0)
-        and np.allclose(a.origin, b.origin, atol=tolerance * scale * 10)
-        and np.allclose(a.direction, b.direction, atol=tolerance)
-    )
+    return grid_difference(a, b, tolerance) is None
 
 
 def _on_reference_grid(
-    image: Any, reference: sitk.Image, name: str, what: str
-) -> sitk.Image | None:
+    image: Any, reference: sitk.Image, name: str, what: str, role: str
+) -> sitk.Image:
     """``image`` (scalar, finite) brought to ``reference``'s dimension (a one-slice 3-D image
-    for a 2-D reference becomes 2-D as in ``check_image``); ``None`` when not on its grid."""
+    for a 2-D reference becomes 2-D as in ``check_image``), on ``reference``'s grid."""
     _require_image(image, name)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetPixelID() in _COMPLEX:
         raise InputError(f"{name}: {what} must be a scalar image")
     if image.GetDimension() == 3 and reference.GetDimension() == 2:
         image, _ = _flatten_slice(image, name)
-    if not same_grid(Grid.of(image), Grid.of(reference)):
-        return None
+    difference = grid_difference(Grid.of(image), Grid.of(reference))
+    if difference is not None:
+        raise InputError(f"{name}: {what} is not on the {role} image's grid ({difference})")
     values = sitk.GetArrayViewFromImage(image)
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise InputError(f"{name}: {what} contains NaN or infinite values")
@@ -171,13 +186,10 @@ def check_mask(mask: Any, reference: sitk.Image, role: str, name: str) -> sitk.I
 
     Raises:
         InputError: not a scalar image; NaN or infinite values; not on ``reference``'s grid
-            (size/spacing/origin/direction); no voxel inside.
+            (the message names the size, spacing, origin or direction that differs); no voxel
+            inside.
     """
-    checked = _on_reference_grid(mask, reference, name, "mask")
-    if checked is None:
-        raise InputError(
-            f"{name}: mask is not on the {role} image's grid (size/spacing/origin/direction)"
-        )
+    checked = _on_reference_grid(mask, reference, name, "mask", role)
     mask = sitk.Cast(checked != 0, sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(mask).any():
         raise InputError(f"{name}: mask is empty")
@@ -189,13 +201,9 @@ def check_labels(labels: Any, reference: sitk.Image, role: str, name: str) -> si
 
     Raises:
         InputError: not a scalar image; NaN, infinite or non-integer values; not on
-            ``reference``'s grid.
+            ``reference``'s grid (the message names what differs).
     """
-    checked = _on_reference_grid(labels, reference, name, "label map")
-    if checked is None:
-        raise InputError(
-            f"{name}: label map is not on the {role} image's grid (size/spacing/origin/direction)"
-        )
+    checked = _on_reference_grid(labels, reference, name, "label map", role)
     values = sitk.GetArrayViewFromImage(checked)
     if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
         raise InputError(f"{name}: label map has non-integer values")
