@@ -67,8 +67,9 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     neighbours ``(n_i, n_j)`` of the six-neighbourhood (four in 2-D) at distance √2·dilation,
     the patch distance ``D = box((I(x+n_i) − I(x+n_j))²)`` over a ``2·radius+1`` box, turned into
     ``exp(−D / V)`` with ``V`` the mean of the ``K`` distances (12 in 3-D, 4 in 2-D) and
-    normalised by its maximum. Contrast-invariant: a monotone remapping of intensities changes
-    the descriptors little, which is what makes it work across modalities.
+    normalised by its maximum (so ``exp(−(D − min D) / V)``). Contrast-invariant: a monotone
+    remapping of intensities changes the descriptors little, which is what makes it work
+    across modalities.
 
     The image is extended by replicating its border. Since ``(I(x+p) − I(x+q))² = E_v(x+q)``
     with ``E_v(y) = (I(y+v) − I(y))²``, ``v = p − q``, and ``E_v(y) = E_{−v}(y+v)``, the
@@ -114,8 +115,9 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     variance = distances.mean(dim=1, keepdim=True)
     mean_variance = variance.mean()
     variance = variance.clamp(min=1e-3 * mean_variance + 1e-8, max=1e3 * mean_variance + 1e-8)
-    descriptors = torch.exp(-distances * variance.reciprocal())
-    return descriptors * descriptors.amax(dim=1, keepdim=True).clamp(min=1e-6).reciprocal()
+    # exp(−D/V) over its maximum over the K, exp(−min D / V): one exponential, no division
+    nearest = distances.amin(dim=1, keepdim=True)
+    return torch.exp((nearest - distances) * variance.reciprocal())
 
 
 def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
