@@ -63,6 +63,12 @@ def _oblique_thick(image: sitk.Image, degrees: float, slice_mm: float) -> sitk.I
 def lung_control() -> float:
     moving = sitk.ReadImage(str(LUNG.moving), sitk.sitkFloat32)
     result = equireg.api.register(str(LUNG.fixed), moving, quality="fast", device="cpu")
+    levels = result.report["refinement"]["levels"]
+    # the finest 3-D level measures on its own grid with its field on the previous level's
+    assert levels[-1]["field_shape"] == levels[-2]["shape"] != levels[-1]["shape"]
+    assert [level["field_shape"] for level in levels[:-1]] == [
+        level["shape"] for level in levels[:-1]
+    ]
     return _landmark_error(LUNG, result.transform, moving)
 
 

@@ -360,7 +360,8 @@ def score(level: Level, displacement: torch.Tensor, similarity: Similarity) -> f
 
 @dataclass
 class LevelReport:
-    shape: list[int]
+    shape: list[int]  # the level grid, where the similarity is measured
+    field_shape: list[int]  # the grid the field lives on (coarser at the finest 3-D level)
     spacing_mm: list[float]
     steps: int
     similarity_start: float
@@ -423,6 +424,7 @@ def optimise_level(
     after = score(level, result, similarity)
     return result, LevelReport(
         shape=list(level.grid.shape),
+        field_shape=list(grid.shape),
         spacing_mm=[round(s, 4) for s in level.grid.spacing],
         steps=steps,
         similarity_start=before,
