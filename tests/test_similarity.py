@@ -105,3 +105,21 @@ def test_local_agreement_tells_an_inverted_contrast_that_r_misses() -> None:
     assert local_agreement(2 * a + 1, a) > 0.99
     noisy = a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
     assert local_agreement(noisy, a) > MIN_AGREEMENT + 0.05  # measured 0.978
+
+
+@pytest.mark.parametrize("shape", [(30, 28), (14, 16, 12)], ids=["2d", "3d"])
+def test_mind_s_written_out_gradient_equals_autograd(shape: tuple[int, ...]) -> None:
+    """``_MindSquaredError``'s backward against autograd through ``mind_ssc``, on an image
+    with a flat half (where ``V`` is clamped to its lower bound) and a weight."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, *shape, dtype=torch.float64, generator=generator)
+    a[:, :, : shape[0] // 2] = 0.5
+    b = torch.rand(1, 1, *shape, dtype=torch.float64, generator=generator)
+    weight = (torch.rand(1, 1, *shape, dtype=torch.float64, generator=generator) > 0.3).double()
+    fused, plain = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    value = get("mind").bind(b)(fused, weight)
+    squared = (mind_ssc(plain) - mind_ssc(b)).pow(2).mean(dim=1, keepdim=True)
+    reference = 1 - (squared * weight).sum() / weight.sum()
+    (value + reference).backward()
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-9, atol=1e-12)

@@ -59,8 +59,9 @@ def _block(values: Tensor, starts: tuple[int, ...], size: tuple[int, ...]) -> Te
     return values[tuple(index)]
 
 
-def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
-    """MIND-SSC descriptors ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)``.
+def _mind_distances(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
+    """The patch distances ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)`` that MIND-SSC
+    descriptors (``mind_ssc``) are made of.
 
     The self-similarity context of Heinrich et al., "Towards realtime multimodal fusion for
     image-guided interventions using self-similarities", MICCAI 2013: for every pair of
@@ -105,19 +106,75 @@ def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     ]
     filtered = box_mean(torch.cat(squared, dim=1), (2 * radius + 1,) * dims)
     filtered = filtered.split(image.shape[1], dim=1)
-    distances = torch.cat(
+    return torch.cat(
         [
             _block(filtered[base], tuple(dilation + c for c in offset), size)
             for base, offset in reads
         ],
         dim=1,
     )
-    variance = distances.mean(dim=1, keepdim=True)
-    mean_variance = variance.mean()
-    variance = variance.clamp(min=1e-3 * mean_variance + 1e-8, max=1e3 * mean_variance + 1e-8)
-    # exp(−D/V) over its maximum over the K, exp(−min D / V): one exponential, no division
-    nearest = distances.amin(dim=1, keepdim=True)
-    return torch.exp((nearest - distances) * variance.reciprocal())
+
+
+def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
+    """MIND-SSC descriptors ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)`` (``_mind_distances``
+    gives the method and its source)."""
+    return _descriptors(_mind_distances(image, dilation, radius))[0]
+
+
+VARIANCE_RANGE = (1e-3, 1e3)  # V is kept within these multiples of its mean over the image
+
+
+def _descriptors(distances: Tensor) -> tuple[Tensor, ...]:
+    """``exp(−D / V)`` over its maximum over the channels, ``exp(−(min D − D) / V)`` (one
+    exponential, no division), and what its gradient needs: the exponent, ``1 / V``, the
+    channel of ``min D``, ``V`` before clamping and the clamp's bounds."""
+    raw = distances.mean(dim=1, keepdim=True)
+    mean_raw = raw.mean()
+    low, high = (factor * mean_raw + 1e-8 for factor in VARIANCE_RANGE)
+    inverse = raw.clamp(min=low, max=high).reciprocal()
+    nearest, argmin = distances.min(dim=1, keepdim=True)
+    exponent = (nearest - distances) * inverse
+    return exponent.exp(), exponent, inverse, argmin, raw, low, high
+
+
+class _MindSquaredError(torch.autograd.Function):
+    """The weighted mean over voxels of the mean over channels of ``(MIND(D) − F)²``, from the
+    patch distances ``D`` ``(B, K, *S)`` of the moving image and the fixed descriptors ``F``,
+    with its gradient with respect to ``D`` written out (through the exponential, ``min D``,
+    ``V`` and the clamp of ``V``, whose bounds follow the mean of ``V``): a handful of passes
+    over the ``K`` channels instead of autograd's two dozen, the bulk of a MIND step."""
+
+    @staticmethod
+    def forward(ctx, distances: Tensor, target: Tensor, weight: Tensor | None):
+        descriptors, exponent, inverse, argmin, raw, low, high = _descriptors(distances)
+        difference = descriptors - target
+        per_voxel = difference.pow(2).mean(dim=1, keepdim=True)
+        if weight is None:
+            share = torch.full_like(per_voxel, 1 / per_voxel.numel())
+        else:
+            weight = weight.expand_as(per_voxel)
+            share = weight / weight.sum().clamp(min=1e-6)
+        ctx.save_for_backward(descriptors, difference, exponent, inverse, argmin, raw, low, high)
+        ctx.share = share
+        return (per_voxel * share).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        descriptors, difference, exponent, inverse, argmin, raw, low, high = ctx.saved_tensors
+        channels = difference.shape[1]
+        # ∂/∂exponent_k, the exponent being (min D − D_k) / V
+        slope = difference.mul(descriptors).mul_(ctx.share * (2 * grad / channels))
+        total = slope.sum(dim=1, keepdim=True)
+        d_distances = slope * -inverse
+        d_distances.scatter_add_(1, argmin, total * inverse)  # through min D
+        # through V = clamp(mean_k D, low, high), low and high following mean(mean_k D)
+        d_variance = -(slope * exponent).sum(dim=1, keepdim=True) * inverse
+        below, above = raw < low, raw > high
+        d_raw = d_variance.masked_fill(below | above, 0)
+        bounds = VARIANCE_RANGE[0] * d_variance[below].sum()
+        bounds = bounds + VARIANCE_RANGE[1] * d_variance[above].sum()
+        d_raw = d_raw + bounds / raw.numel()
+        return d_distances.add_(d_raw / channels), None, None
 
 
 def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -130,8 +187,7 @@ def _bind_mind(b: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
     descriptors = mind_ssc(b)
 
     def value(a: Tensor, weight: Tensor | None = None) -> Tensor:
-        difference = (mind_ssc(a) - descriptors).pow(2).mean(dim=1, keepdim=True)
-        return 1 - _weighted_mean(difference, weight)
+        return 1 - _MindSquaredError.apply(_mind_distances(a), descriptors, weight)
 
     return value
 
