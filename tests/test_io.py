@@ -96,9 +96,16 @@ def test_mask_must_share_the_image_grid(tmp_path: Path) -> None:
     [
         (lambda m: sitk.Image(m[:, :7]), r"size 9×7 against 9×8 voxels"),
         (lambda m: m.SetOrigin((0.0, 3.0)), r"origin \(0, 3\) against \(0, 0\) mm"),
-        (lambda m: m.SetDirection((0.0, 1.0, 1.0, 0.0)), r"direction \(axis orientation\)"),
+        (
+            lambda m: m.SetDirection((0.0, 1.0, 1.0, 0.0)),
+            r"direction \(0 1, 1 0\) against \(1 0, 0 1\)",
+        ),
+        (
+            lambda m: (m.SetOrigin((0.0, 3.0)), m.SetSpacing((2.0, 1.0)))[0],
+            r"spacing 2×1 against 1×1 mm; origin \(0, 3\) against \(0, 0\) mm",
+        ),
     ],
-    ids=["size", "origin", "direction"],
+    ids=["size", "origin", "direction", "spacing and origin"],
 )
 def test_a_mask_off_the_grid_is_told_what_differs(change, named: str, tmp_path: Path) -> None:
     image = read_image(_write(_smooth((8, 9)), tmp_path / "image.nrrd"))

@@ -186,6 +186,12 @@ def test_the_pyramid_reaches_the_fixed_spacing_within_the_budget() -> None:
         assert grids[0].spacing[0] == pytest.approx(coarsest, rel=0.05)  # sizes are rounded
     small = Grid((64, 48), (0.5, 0.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     assert pyramid(small, 512**2, 3)[-1].size == small.size
+    # the smallest accepted image had levels of one and two voxels, scored −∞ (null in the
+    # report); a slab of 5 slices keeps its coarse levels, fine in-plane and 1–2 slices thick
+    tiny = Grid((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).flatten()))
+    assert [grid.size for grid in pyramid(tiny, 96**3, 3)] == [(4, 4, 4)]
+    slab = Grid((64, 64, 5), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).flatten()))
+    assert [grid.size[2] for grid in pyramid(slab, 96**3, 3)] == [1, 2, 5]
 
 
 def test_auto_similarity_takes_mind_for_two_modalities_and_lncc_for_one() -> None:
@@ -202,6 +208,11 @@ def test_auto_similarity_takes_mind_for_two_modalities_and_lncc_for_one() -> Non
     assert other.report["refinement"]["similarity_choice"]["pearson_r"] < 0
     reference = _landmark_error(RETINA, same.transform, moving)
     assert _landmark_error(RETINA, other.transform, inverted) <= reference + 0.1
+    # LNCC forced on the inverted pair is the user's call, with a warning (a newcomer's
+    # brain volume ended 80 mm off without one)
+    forced = equireg.api.register(str(RETINA.fixed), inverted, similarity="lncc", quality="fast")
+    assert any("two modalities" in warning for warning in forced.report["warnings"])
+    assert not any("two modalities" in warning for warning in same.report["warnings"])
 
 
 def test_a_moving_image_a_metre_away_is_found() -> None:

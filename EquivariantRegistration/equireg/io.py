@@ -325,7 +325,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     )
     os.close(handle)
     try:
-        write(temporary)
+        try:
+            write(temporary)
+        except RuntimeError as error:  # ITK names the file it wrote: name the user's instead
+            raise RuntimeError(str(error).replace(temporary, str(path))) from None
         os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     finally:

@@ -68,7 +68,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         str,
         "auto",
         "similarity of the refinement and the guarded start: auto (lncc, or mind when the "
-        "intensities of the two images are not linearly related), lncc (one modality), mind or "
+        "images' intensities are not related linearly and positively, locally as well as "
+        "overall), lncc (one modality), mind or "
         "nmi (two modalities, e.g. T1/T2, CT/MR), mse (same intensities)",
         SIMILARITIES,
     ),

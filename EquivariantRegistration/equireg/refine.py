@@ -121,7 +121,8 @@ def pyramid(fixed: Grid, budget: int, levels: int) -> list[Grid]:
     The finest level has the fixed image's spacing, or the isotropic spacing that keeps it
     within ``budget`` voxels; each coarser level doubles it. An axis is never finer than the
     fixed image's own voxels (thick slices stay thick), and levels coarser than 8 voxels along
-    an axis that has more are dropped.
+    an axis that has more, or with fewer than 4 voxels along every axis, are dropped (a 4×4×4
+    image once got levels of one and two voxels, where no similarity can be measured).
     """
     spacing = np.asarray(fixed.spacing, dtype=np.float64)
     extent = spacing * np.asarray(fixed.size)
@@ -131,7 +132,8 @@ def pyramid(fixed: Grid, budget: int, levels: int) -> list[Grid]:
         target = finest * 2 ** (levels - 1 - k)
         size = np.maximum(1, np.round(extent / np.maximum(spacing, target))).astype(int)
         size = np.minimum(size, fixed.size)
-        if k < levels - 1 and np.any((size < 8) & (np.asarray(fixed.size) >= 8)):
+        too_coarse = np.any((size < 8) & (np.asarray(fixed.size) >= 8)) or np.all(size < 4)
+        if k < levels - 1 and too_coarse:
             continue
         grids.append(fixed.resized(tuple(int(n) for n in reversed(size))))
     return grids
@@ -527,9 +529,19 @@ def refine(
     pair.coarsen(float(min(grids[-1].spacing)))
     coarse = pair.level(grids[0])
     fields = {name: field_tensor(start(grids[0]), pair.device) for name, start in starts.items()}
-    choice = None
+    choice: dict[str, Any] | None = None
+    warnings: list[str] = []
     if similarity is None:
         similarity, choice = choose_similarity(coarse, fields)
+    elif similarity.name in ("lncc", "mse"):  # the user's choice assumes one modality
+        suggested, reason = choose_similarity(coarse, fields)
+        if suggested.name != "lncc":
+            warnings.append(
+                f"the images look like two modalities or inverted contrasts (Pearson r "
+                f"{reason['pearson_r']:.2f}, local agreement {reason['local_agreement']:.2f}), "
+                f"which {similarity.name} counts as a mismatch; --similarity mind (or auto) "
+                "registers such pairs"
+            )
     scores = {name: score(coarse, field, similarity) for name, field in fields.items()}
     best = max(scores.values())
     if best == float("-inf"):
@@ -539,7 +551,6 @@ def refine(
             f"({', '.join(scores)}); check their origins, spacings and directions"
         )
     chosen = next(name for name in starts if scores[name] >= best - START_MARGIN)
-    warnings: list[str] = []
     levels: list[LevelReport] = []
     prior = field_prior(dim)
     displacement = fields[chosen]
@@ -572,9 +583,12 @@ def refine(
         start_score = score(finest, start_field, similarity)
         final_score = score(finest, displacement, similarity)
         if final_score < start_score:
+            shown = [
+                f"{v:.4f}" if np.isfinite(v) else "no overlap" for v in (start_score, final_score)
+            ]
             warnings.append(
-                f"refinement made {similarity.name} worse ({start_score:.4f} -> "
-                f"{final_score:.4f}); the {chosen} start is returned instead"
+                f"refinement made {similarity.name} worse ({shown[0]} -> {shown[1]}); the "
+                f"{chosen} start is returned instead"
             )
             displacement, start_returned = start_field, True
     covered = overlap(level, displacement)

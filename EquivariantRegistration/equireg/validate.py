@@ -137,24 +137,30 @@ def check_image(image: Any, name: str, notify: Notify = lambda _m: None) -> sitk
 
 
 def grid_difference(a: Grid, b: Grid, tolerance: float = 1e-4) -> str | None:
-    """What differs between grid ``a`` and grid ``b`` (``"spacing 0.5×0.5 mm against 1×1
-    mm"``), or ``None`` when they have the same size and spacing/origin/direction equal within
-    ``tolerance`` (relative to the spacing)."""
+    """Every property in which grid ``a`` differs from grid ``b`` with both values (``"spacing
+    2×1 against 1×1 mm; origin (0, 3) against (0, 0) mm"``), or ``None`` when they have the
+    same size and spacing/origin/direction equal within ``tolerance`` (relative to the
+    spacing)."""
 
-    def listed(values: tuple[float, ...] | tuple[int, ...]) -> str:
-        return "×".join(f"{v:g}" for v in values)
+    def listed(values: tuple[float, ...] | tuple[int, ...], join: str = "×") -> str:
+        return join.join(f"{v:g}" for v in values)
 
-    scale = max(max(a.spacing), 1e-12)
+    def rows(grid: Grid) -> str:
+        matrix = np.round(np.asarray(grid.direction).reshape(grid.dim, grid.dim), 3) + 0.0
+        return "(" + ", ".join(listed(tuple(row), " ") for row in matrix) + ")"
+
+    differences = []
     if a.size != b.size:
-        return f"size {listed(a.size)} against {listed(b.size)} voxels"
+        differences.append(f"size {listed(a.size)} against {listed(b.size)} voxels")
     if not np.allclose(a.spacing, b.spacing, rtol=tolerance, atol=0):
-        return f"spacing {listed(a.spacing)} against {listed(b.spacing)} mm"
-    if not np.allclose(a.origin, b.origin, atol=tolerance * scale * 10):
-        origins = (", ".join(f"{v:g}" for v in grid.origin) for grid in (a, b))
-        return "origin ({}) against ({}) mm".format(*origins)
+        differences.append(f"spacing {listed(a.spacing)} against {listed(b.spacing)} mm")
+    if not np.allclose(a.origin, b.origin, atol=tolerance * max(max(a.spacing), 1e-12) * 10):
+        differences.append(
+            f"origin ({listed(a.origin, ', ')}) against ({listed(b.origin, ', ')}) mm"
+        )
     if not np.allclose(a.direction, b.direction, atol=tolerance):
-        return "direction (axis orientation) differs"
-    return None
+        differences.append(f"direction {rows(a)} against {rows(b)}")
+    return "; ".join(differences) or None
 
 
 def same_grid(a: Grid, b: Grid, tolerance: float = 1e-4) -> bool:
