@@ -125,7 +125,7 @@ VARIANCE_RANGE = (1e-3, 1e3)  # V is kept within these multiples of its mean ove
 
 
 def _descriptors(distances: Tensor) -> tuple[Tensor, ...]:
-    """``exp(−D / V)`` over its maximum over the channels, ``exp(−(min D − D) / V)`` (one
+    """``exp(−D / V)`` over its maximum over the channels, i.e. ``exp((min D − D) / V)`` (one
     exponential, no division), and what its gradient needs: the exponent, ``1 / V``, the
     channel of ``min D``, ``V`` before clamping and the clamp's bounds."""
     raw = distances.mean(dim=1, keepdim=True)
