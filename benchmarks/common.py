@@ -35,6 +35,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def commit() -> str:
+    """The checked-out commit (short hash), and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return head + (" with uncommitted changes" if dirty else "")
+
+
 def machine() -> str:
     """One line: CPU model, cores this process may use, GPU (if any), torch version and threads,
     and the load average (other processes slow multi-threaded runs far beyond their share)."""

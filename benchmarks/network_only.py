@@ -19,12 +19,11 @@ beats identity and every other model.
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import SimpleITK as sitk
 import torch
-from common import ROOT, fmt, machine, markdown_table
+from common import ROOT, commit, fmt, machine, markdown_table
 
 from equireg.api import register
 from equireg.capture import capture
@@ -77,10 +76,7 @@ def main() -> None:
         ]
         rows.append([case.name, f"{generic} / {specialised}", *cells])
         print(rows[-1], flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"\n- Machine: {machine()}\n- Commit: {commit}\n")
+    print(f"\n- Machine: {machine()}\n- Commit: {commit()}\n")
     headers = ["case", "models (generic / specialised)", *[f"{label} TRE (mm)" for label in labels]]
     print(markdown_table(headers, rows, right=2))
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine
+from common import ROOT, commit, machine
 
 DOC = ROOT / "docs" / "benchmarks.md"
 HERE = Path(__file__).resolve().parent
@@ -82,15 +82,6 @@ def run(command: list[str], code: str) -> str:
         error = (result.stderr.strip().splitlines() or ["no output"])[-1]
         lines += ["", f"**Failed** (exit {result.returncode}): `{error}`"]
     return "\n".join(lines).strip()
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
-    return head + (" with uncommitted changes" if dirty else "")
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -18,13 +18,12 @@ listed as skipped. Prints one markdown table with the machine line.
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from common import ROOT, fmt, machine, markdown_table
+from common import ROOT, commit, fmt, machine, markdown_table
 
 from equireg.api import register
 from equireg.cases import Case, find_cases, score
@@ -113,10 +112,7 @@ def main() -> None:
             ]
         )
         print(rows[-1], flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"\n- Machine: {machine()}\n- Commit: {commit}\n")
+    print(f"\n- Machine: {machine()}\n- Commit: {commit()}\n")
     headers = [
         "case",
         "shift (voxels, x × y [× z])",

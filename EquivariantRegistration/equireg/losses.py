@@ -80,6 +80,7 @@ def _inverse_counts(
 
 
 def _box_sums(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """``box_sum`` along each spatial axis whose width is above 1."""
     for axis, width in enumerate(window):
         if width > 1:
             x = box_sum(x, 2 + axis, width)
@@ -96,8 +97,7 @@ class _BoxMean(torch.autograd.Function):
         inverse = _inverse_counts(x.shape[2:], window, x)
         ctx.save_for_backward(inverse)
         ctx.window = window
-        with torch.no_grad():
-            return _box_sums(x, window) * inverse
+        return _box_sums(x, window) * inverse  # a Function's forward records no graph
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):

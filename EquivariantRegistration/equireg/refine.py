@@ -553,29 +553,28 @@ def refine(
     chosen = next(name for name in starts if scores[name] >= best - START_MARGIN)
     levels: list[LevelReport] = []
     prior = field_prior(dim)
+    settings = PRIORS[prior]
     displacement = fields[chosen]
-    if PRIORS[prior].smooth_network_start and "network" in chosen:
-        displacement = _smooth(
-            displacement, prior_window(PRIORS[prior], coarse.grid), PRIORS[prior].passes
-        )
+    if settings.smooth_network_start and "network" in chosen:
+        displacement = _smooth(displacement, prior_window(settings, coarse.grid), settings.passes)
     level = coarse
     start_returned = False
     if steps > 0:
         for k, grid in enumerate(grids):
             last = k == len(grids) - 1
-            coarser = last and k > 0 and PRIORS[prior].finest_on_coarser_grid
+            coarser = last and k > 0 and settings.finest_on_coarser_grid
             control = grids[k - 1] if coarser else None
             if k > 0:
                 level = pair.level(grid)
                 displacement = resize_field(displacement, (control or grid).shape)
-            level_steps = max(1, round(steps * PRIORS[prior].finest_steps)) if last else steps
+            level_steps = max(1, round(steps * settings.finest_steps)) if last else steps
 
             def report_step(step: int, k: int = k, n: int = level_steps) -> None:
                 done = (k + (step + 1) / n) / len(grids)
                 progress(done, f"level {k + 1}/{len(grids)}, step {step + 1}/{n}")
 
             displacement, summary = optimise_level(
-                level, displacement, similarity, level_steps, PRIORS[prior], report_step, control
+                level, displacement, similarity, level_steps, settings, report_step, control
             )
             levels.append(summary)
         finest = level

@@ -192,7 +192,7 @@ def check_mask(mask: Any, reference: sitk.Image, role: str, name: str) -> sitk.I
 
     Raises:
         InputError: not a scalar image; NaN or infinite values; not on ``reference``'s grid
-            (the message names the size, spacing, origin or direction that differs); no voxel
+            (the message names every property that differs, with both values); no voxel
             inside.
     """
     checked = _on_reference_grid(mask, reference, name, "mask", role)
