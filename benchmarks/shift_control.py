@@ -29,7 +29,9 @@ from equireg.api import register
 from equireg.cases import Case, find_cases, score
 
 
-def whole_voxel_shift(plain: np.ndarray, shifted: np.ndarray, offset_mm: np.ndarray, image):
+def whole_voxel_shift(
+    plain: np.ndarray, shifted: np.ndarray, offset_mm: np.ndarray, image: sitk.Image
+) -> np.ndarray | None:
     """The index offset ``d`` (array axis order) with ``shifted[i] = plain[i − d]`` wherever
     both are inside the grid, from the truth's translation ``offset_mm`` (LPS mm) of either
     sign; ``None`` when neither is a whole-voxel roll of the image."""
