@@ -668,15 +668,19 @@ def build_level(
 @dataclass
 class Schedule:
     """Adam per level, in variables scaled so that a unit step of any parameter moves the image
-    corners by about one voxel of the level: ``learning_rate`` is thus a step in voxels. It
-    halves whenever the loss has not improved for ``patience`` iterations; a level ends when its
-    steps stay below ``tolerance`` voxels (the largest move of a corner) for ``patience``
-    iterations in a row, or after ``iterations``."""
+    corners by about one voxel of the level: ``learning_rate`` is thus a step in voxels, that
+    of the coarsest level; each finer level starts at ``level_rate`` times the step of the one
+    before, since it starts within a fraction of its voxel from the coarser result (a full
+    step threw it off and cost it its iterations to come back). The step halves whenever the
+    loss has not improved for ``patience`` iterations; a level ends when its steps stay below
+    ``tolerance`` voxels (the largest move of a corner) for ``patience`` iterations in a row,
+    or after ``iterations``."""
 
     learning_rate: float = 0.5
     patience: int = 10
     tolerance: float = 0.003
     iterations: int = 300
+    level_rate: float = 1.0
 
 
 def _optimise(
@@ -685,14 +689,16 @@ def _optimise(
     gradient: str,
     corners: torch.Tensor,
     schedule: Schedule,
+    learning_rate: float,
     report: Callable[[int], None],
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Minimise ``objective`` from ``z``; returns the best ``z`` seen and a summary."""
+    """Minimise ``objective`` from ``z`` with Adam's first step ``learning_rate`` (voxels);
+    returns the best ``z`` seen and a summary."""
     space, level = objective.space, objective.level
     radius = float(corners.norm(dim=1).max())
     unit = torch.as_tensor(level.voxel_mm / space.point_shift(radius), dtype=z.dtype).to(z.device)
     scaled = (z.detach() / unit).clone()  # z = unit · scaled
-    optimiser = torch.optim.Adam([scaled], lr=schedule.learning_rate, betas=(0.9, 0.99))
+    optimiser = torch.optim.Adam([scaled], lr=learning_rate, betas=(0.9, 0.99))
     best, best_z, since_best, still = math.inf, z.detach().clone(), 0, 0
 
     def moved_corners(values: torch.Tensor) -> torch.Tensor:
@@ -831,6 +837,8 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 DEFAULT_LOSS = "ncc"
+SAMPLE_RATIO = 4  # fewer samples per coarser level
+MIN_SAMPLES = 1024
 DEFAULT_MAX_SIZE = {2: 256, 3: 96}  # largest side of the finest level, voxels
 
 
@@ -857,7 +865,10 @@ def align(
     ``initialisation``: ``moments`` starts from the translation that matches the intensity
     centres of mass (robust to large offsets), ``geometry`` from the one that matches the image
     centres, ``identity`` from none. Masks (0/1 images on their image's grid) restrict the
-    loss. At most ``max_samples`` fixed voxels per level enter the loss.
+    loss. At most ``max_samples`` fixed voxels enter the loss on the finest level, each coarser
+    level ``SAMPLE_RATIO`` times fewer (at least ``MIN_SAMPLES``): the coarse levels only bring
+    the finest one within its reach, and the finest one's precision is set by its samples
+    (a random subset: MI and correlation measured on it are noisy).
     """
     if initialisation not in INITIALISATIONS:
         raise ValueError(f"initialisation {initialisation!r}: one of {', '.join(INITIALISATIONS)}")
@@ -885,15 +896,17 @@ def align(
     with _one_cpu_thread(torch.device(device)):
         for k in range(levels):
             shrink = 2.0 ** (levels - 1 - k)
+            samples = max(MIN_SAMPLES, round(max_samples / SAMPLE_RATIO ** (levels - 1 - k)))
             level = build_level(
-                images, centre, (finest[0] * shrink, finest[1] * shrink), max_samples, device, dtype
+                images, centre, (finest[0] * shrink, finest[1] * shrink), samples, device, dtype
             )
             objective = Objective(level, space, make_loss(loss, level.fixed, level.moving))
 
             def step(iteration: int, k: int = k) -> None:
                 report((k + iteration / schedule.iterations) / levels, f"level {k + 1}/{levels}")
 
-            z, summary = _optimise(objective, z, gradient, corners, schedule, step)
+            rate = schedule.learning_rate * schedule.level_rate**k
+            z, summary = _optimise(objective, z, gradient, corners, schedule, rate, step)
             summaries.append({"samples": len(level.fixed), **summary})
     report(1.0, "done")
 

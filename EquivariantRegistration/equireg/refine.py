@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .losses import box_mean
-from .maps import sample
 from .preprocess import robust_normalise
 from .similarity import Similarity, intensity_relation, local_agreement
 from .similarity import get as get_similarity
@@ -196,27 +195,28 @@ class _MovingSampler:
         if mask is not None:
             inside = sitk.GetArrayFromImage(resample_to_grid(mask, grid, sitk.sitkNearestNeighbor))
             self.mask = torch.from_numpy((inside > 0).astype(np.float32))[None, None].to(device)
-        # network coordinate (tensor order) = matrix · (p − origin) + offset
+        # Sampling coordinates are ``grid_sample``'s (channels x, y, z, the image's extent
+        # from −1 to 1): 2 · (network coordinate) − 1 in ITK axis order, so that no per-step
+        # reordering or rescaling of a fine grid's coordinates is needed.
+        # coordinate = matrix · (p − origin) + offset
+        size = np.asarray(grid.size, dtype=np.float64)
         to_index = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
-        to_network = np.diag(1 / np.asarray(grid.size, dtype=np.float64)) @ to_index
-        self.matrix = torch.as_tensor(to_network[::-1].copy(), dtype=torch.float32, device=device)
-        self.origin = torch.as_tensor(grid.origin, dtype=torch.float32, device=device)
-        self.offset = torch.as_tensor(
-            (0.5 / np.asarray(grid.size, dtype=np.float64))[::-1].copy(),
-            dtype=torch.float32,
-            device=device,
+        self.matrix = torch.as_tensor(
+            2 * np.diag(1 / size) @ to_index, dtype=torch.float32, device=device
         )
-        # the first voxel centre less HULL_TOLERANCE voxels, in network coordinates
-        rim = (0.5 - HULL_TOLERANCE) / np.asarray(grid.size, dtype=np.float64)
-        self.rim = torch.as_tensor(rim[::-1].copy(), dtype=torch.float32, device=device)
+        self.origin = torch.as_tensor(grid.origin, dtype=torch.float32, device=device)
+        self.offset = torch.as_tensor(1 / size - 1, dtype=torch.float32, device=device)
+        # the first voxel centre less HULL_TOLERANCE voxels (−1 + (1 − 2·tolerance) / n)
+        rim = (1 - 2 * HULL_TOLERANCE) / size - 1
+        self.rim = torch.as_tensor(rim, dtype=torch.float32, device=device)
 
     def coords(self, points: torch.Tensor) -> torch.Tensor:
-        """``(1, d, *S)`` LPS mm -> ``(1, d, *S)`` moving network coordinates."""
+        """``(1, d, *S)`` LPS mm -> ``(1, d, *S)`` sampling coordinates."""
         shape = [1, -1] + [1] * (points.dim() - 2)
         return self.shift(points - self.origin.view(shape)) + self.offset.view(shape)
 
     def shift(self, displacement: torch.Tensor) -> torch.Tensor:
-        """``(1, d, *S)`` LPS mm -> the change of moving network coordinates it makes (linear:
+        """``(1, d, *S)`` LPS mm -> the change of sampling coordinates it makes (linear:
         applied to a coarse field before upsampling, it costs a fraction)."""
         return torch.einsum("ij,bj...->bi...", self.matrix, displacement)
 
@@ -226,12 +226,13 @@ class _MovingSampler:
 
     def read(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The moving image at ``coords`` (``coords``' output) and each point's weight."""
-        values = sample(self.image, coords)
+        grid = coords.movedim(1, -1)  # a view: grid_sample reads it through its strides
+        values = F.grid_sample(self.image, grid, align_corners=False)
         rim = self.rim.view([1, -1] + [1] * (coords.dim() - 2))
-        inside = ((coords >= rim) & (coords <= 1 - rim)).all(dim=1, keepdim=True)
+        inside = ((coords >= rim) & (coords <= -rim)).all(dim=1, keepdim=True)
         inside = _eroded(inside, EDGE_MARGIN).to(values.dtype)
         if self.mask is not None:
-            inside = inside * sample(self.mask, coords, mode="nearest")
+            inside = inside * F.grid_sample(self.mask, grid, mode="nearest", align_corners=False)
         return values, inside
 
 
