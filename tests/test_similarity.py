@@ -10,7 +10,14 @@ from conftest import gaussian_blobs
 from scipy import ndimage
 
 from equireg.refine import MIN_AGREEMENT, MULTIMODAL_RATIO
-from equireg.similarity import SIMILARITIES, get, intensity_relation, local_agreement, mind_ssc
+from equireg.similarity import (
+    SIMILARITIES,
+    _mind_distances,
+    get,
+    intensity_relation,
+    local_agreement,
+    mind_ssc,
+)
 
 PERFECT = {"mind": 1.0, "mse": 0.0}
 
@@ -123,3 +130,14 @@ def test_mind_s_written_out_gradient_equals_autograd(shape: tuple[int, ...]) -> 
     (value + reference).backward()
     torch.testing.assert_close(value, reference)
     torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (6, 7, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_mind_distances_written_out_gradient_passes_gradcheck(
+    shape: tuple[int, ...], dilation: int
+) -> None:
+    """``_MindDistances``' backward (shifted reads, the box filter's transpose, the squared
+    differences) against finite differences, two images of two channels."""
+    image = torch.rand(2, 2, *shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _mind_distances(x, dilation), (image,))

@@ -33,11 +33,17 @@ def _border_counts(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
 
 def box_sum(x: torch.Tensor, axis: int, width: int) -> torch.Tensor:
     """The sum over the ``width`` voxels around each position along ``axis`` (cropped at the
-    borders), from a cumulative sum ``c``: ``c[min(i + r, n − 1)] − c[i − r − 1]`` (the second
+    borders). Up to ``SHIFTED_SUM_WIDTH`` voxels by adding shifted copies in place (MIND's
+    3-voxel boxes on the brain volume 2–2.5× as fast as below, LNCC's 5-voxel ones a little);
+    wider ones from a cumulative sum ``c``: ``c[min(i + r, n − 1)] − c[i − r − 1]`` (the second
     term 0 for ``i ≤ r``), ``O(1)`` work per voxel whatever the width. On a CPU, forward and
-    backward of a 3-channel 90×102×84 field, 2.4× as fast as a depthwise convolution at 3
-    voxels, 3.4× at 5 and 5.5× at 9; in 2-D at 512², about 3× (equal within float32 rounding)."""
+    backward of a 3-channel 90×102×84 field, the cumulative sum is 2.4× as fast as a depthwise
+    convolution at 3 voxels, 3.4× at 5 and 5.5× at 9; in 2-D at 512², about 3× (equal within
+    float32 rounding)."""
     return _BoxSum.apply(x, axis, width)
+
+
+SHIFTED_SUM_WIDTH = 5  # measured on 90×102×84 volumes of 3 and 6 channels: slower from 7
 
 
 class _BoxSum(torch.autograd.Function):
@@ -50,6 +56,12 @@ class _BoxSum(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, axis: int, width: int):
         ctx.axis, ctx.width = axis, width
         length, radius = x.shape[axis], width // 2
+        if width <= SHIFTED_SUM_WIDTH:
+            out = x.clone()
+            for shift in range(1, min(radius, length - 1) + 1):
+                out.narrow(axis, shift, length - shift).add_(x.narrow(axis, 0, length - shift))
+                out.narrow(axis, 0, length - shift).add_(x.narrow(axis, shift, length - shift))
+            return out
         cumulative = torch.cumsum(x, dim=axis)
         if radius >= length - 1:  # every box holds the whole axis
             return cumulative.narrow(axis, length - 1, 1).expand_as(x).contiguous()
@@ -94,15 +106,19 @@ class _BoxMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, window: tuple[int, ...]):
-        inverse = _inverse_counts(x.shape[2:], window, x)
-        ctx.save_for_backward(inverse)
         ctx.window = window
-        return _box_sums(x, window) * inverse  # a Function's forward records no graph
+        return _box_sums(x, window) * _inverse_counts(x.shape[2:], window, x)  # records no graph
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return _box_sums(grad * inverse, ctx.window), None
+        return box_mean_transpose(grad, ctx.window), None
+
+
+def box_mean_transpose(grad: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """The transpose of ``box_mean`` applied to ``grad`` ``(B, C, *S)``: ``S(g · n⁻¹)``, for
+    gradients written out by hand (``box_mean``'s own backward pass is this)."""
+    window = tuple(int(w) for w in window)
+    return _box_sums(grad * _inverse_counts(grad.shape[2:], window, grad), window)
 
 
 def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from .losses import box_mean, local_correlation, local_moments
+from .losses import box_mean, box_mean_transpose, local_correlation, local_moments
 
 Tensor = torch.Tensor
 
@@ -59,6 +59,40 @@ def _block(values: Tensor, starts: tuple[int, ...], size: tuple[int, ...]) -> Te
     return values[tuple(index)]
 
 
+@dataclass(frozen=True)
+class _MindPlan:
+    """Which squared-difference images ``E_v`` MIND-SSC needs and where each distance reads
+    one (``_mind_distances``)."""
+
+    dims: int
+    dilation: int
+    radius: int
+    bases: tuple[tuple[int, ...], ...]  # the K/2 vectors v, first non-zero component > 0
+    reads: tuple[tuple[int, tuple[int, ...]], ...]  # per distance: which E, read at which offset
+
+
+def _mind_plan(dims: int, dilation: int, radius: int) -> _MindPlan:
+    neighbours = []
+    for axis in range(dims):
+        for sign in (-1, 1):
+            offset = [0] * dims
+            offset[axis] = sign * dilation
+            neighbours.append(tuple(offset))
+    pairs = [
+        (p, q)
+        for p, q in combinations(neighbours, 2)
+        if sum((u - v) ** 2 for u, v in zip(p, q, strict=True)) == 2 * dilation**2
+    ]
+    bases: dict[tuple[int, ...], int] = {}
+    reads = []
+    for p, q in pairs:
+        v = tuple(a - b for a, b in zip(p, q, strict=True))
+        forward = next(c for c in v if c != 0) > 0
+        bases.setdefault(v if forward else tuple(-c for c in v), len(bases))
+        reads.append((bases[v if forward else tuple(-c for c in v)], q if forward else p))
+    return _MindPlan(dims, dilation, radius, tuple(bases), tuple(reads))
+
+
 def _mind_distances(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     """The patch distances ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)`` that MIND-SSC
     descriptors (``mind_ssc``) are made of.
@@ -76,43 +110,70 @@ def _mind_distances(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor
     with ``E_v(y) = (I(y+v) − I(y))²``, ``v = p − q``, and ``E_v(y) = E_{−v}(y+v)``, the
     ``K`` squared differences are shifted copies of ``K/2`` images ``E``: those are
     box-filtered once, over the grid grown by ``dilation`` voxels (half the box sums of
-    filtering all ``K``).
+    filtering all ``K``). The gradient is written out (``_MindDistances``).
     """
     dims = image.dim() - 2
-    neighbours = []
-    for axis in range(dims):
-        for sign in (-1, 1):
-            offset = [0] * dims
-            offset[axis] = sign * dilation
-            neighbours.append(tuple(offset))
-    pairs = [
-        (p, q)
-        for p, q in combinations(neighbours, 2)
-        if sum((u - v) ** 2 for u, v in zip(p, q, strict=True)) == 2 * dilation**2
-    ]
-    size = tuple(image.shape[2:])
-    grown = tuple(n + 2 * dilation for n in size)  # y = x − dilation … x + dilation
     padded = F.pad(image, [2 * dilation] * (2 * dims), mode="replicate")
-    at_grown = _block(padded, (dilation,) * dims, grown)
-    bases: dict[tuple[int, ...], int] = {}  # v, first non-zero component > 0 -> its E
-    reads = []  # per pair: which E, read at which offset
-    for p, q in pairs:
-        v = tuple(a - b for a, b in zip(p, q, strict=True))
-        forward = next(c for c in v if c != 0) > 0
-        bases.setdefault(v if forward else tuple(-c for c in v), len(bases))
-        reads.append((bases[v if forward else tuple(-c for c in v)], q if forward else p))
-    squared = [
-        (_block(padded, tuple(dilation + c for c in v), grown) - at_grown).pow(2) for v in bases
-    ]
-    filtered = box_mean(torch.cat(squared, dim=1), (2 * radius + 1,) * dims)
-    filtered = filtered.split(image.shape[1], dim=1)
-    return torch.cat(
-        [
-            _block(filtered[base], tuple(dilation + c for c in offset), size)
-            for base, offset in reads
-        ],
-        dim=1,
-    )
+    return _MindDistances.apply(padded, _mind_plan(dims, dilation, radius))
+
+
+class _MindDistances(torch.autograd.Function):
+    """``_mind_distances`` of the replicate-padded image, and its gradient written out: the
+    distances' gradient added into the ``K/2`` filtered images at their read offsets, the box
+    filter's transpose, then ``2 (I(y+v) − I(y))`` times that into both ends of each difference.
+    Autograd through the same slices filled and copied a full-size zero tensor per slice, most
+    of a MIND step's backward pass."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, plan: _MindPlan) -> Tensor:
+        ctx.save_for_backward(padded)
+        ctx.plan = plan
+        size, grown = _mind_grids(padded, plan)
+        channels = padded.shape[1]
+        centre = _block(padded, (plan.dilation,) * plan.dims, grown)
+        squared = [
+            (_block(padded, tuple(plan.dilation + c for c in v), grown) - centre).pow_(2)
+            for v in plan.bases
+        ]
+        window = (2 * plan.radius + 1,) * plan.dims
+        filtered = box_mean(torch.cat(squared, dim=1), window).split(channels, dim=1)
+        return torch.cat(
+            [
+                _block(filtered[base], tuple(plan.dilation + c for c in offset), size)
+                for base, offset in plan.reads
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (padded,) = ctx.saved_tensors
+        plan = ctx.plan
+        size, grown = _mind_grids(padded, plan)
+        channels = padded.shape[1]
+        d = plan.dilation
+        filtered = grad.new_zeros(grad.shape[0], channels * len(plan.bases), *grown)
+        parts = filtered.split(channels, dim=1)
+        for k, (base, offset) in enumerate(plan.reads):
+            target = _block(parts[base], tuple(d + c for c in offset), size)
+            target.add_(grad[:, k * channels : (k + 1) * channels])
+        squared = box_mean_transpose(filtered, (2 * plan.radius + 1,) * plan.dims)
+        result = torch.zeros_like(padded)
+        centre = _block(padded, (d,) * plan.dims, grown)
+        at_centre = _block(result, (d,) * plan.dims, grown)
+        for b, v in enumerate(plan.bases):
+            shifted = (d + c for c in v)
+            slope = _block(padded, tuple(shifted), grown) - centre
+            slope.mul_(squared[:, b * channels : (b + 1) * channels]).mul_(2)
+            _block(result, tuple(d + c for c in v), grown).add_(slope)
+            at_centre.sub_(slope)
+        return result, None
+
+
+def _mind_grids(padded: Tensor, plan: _MindPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The image's own shape and the grid grown by ``dilation`` voxels, from the padded one."""
+    size = tuple(n - 4 * plan.dilation for n in padded.shape[2:])
+    return size, tuple(n + 2 * plan.dilation for n in size)
 
 
 def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
