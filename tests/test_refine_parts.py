@@ -21,6 +21,7 @@ from equireg.refine import (
     points_of,
     prior_window,
     refine,
+    resize_field,
 )
 from equireg.similarity import get as get_similarity
 from equireg.space import Grid
@@ -144,3 +145,23 @@ def test_a_level_recovers_a_translation_with_its_field_on_either_grid(
     inner = field[0, :, 6:-6, 6:-6, 6:-6].mean(dim=(1, 2, 3)).numpy()
     np.testing.assert_allclose(inner, shift, atol=0.03)  # measured: within 0.015 mm
     assert report.similarity_end > report.similarity_start
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((5, 4, 3), (10, 8, 6)), ((1, 4, 3), (1, 8, 6)), ((3, 1, 2), (6, 2, 2)), ((6, 7), (6, 14))],
+)
+def test_doubling_a_field_has_linear_interpolations_gradient(
+    source: tuple[int, ...], target: tuple[int, ...]
+) -> None:
+    """``resize_field``'s written-out transpose for factors of 1 and 2 against PyTorch's own
+    backward pass of the same interpolation (values and gradients)."""
+    x = torch.randn(1, 3, *source, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(1, 3, *target, dtype=torch.float64)
+    mode = "bilinear" if len(source) == 2 else "trilinear"
+    reference = F.interpolate(x, size=target, mode=mode, align_corners=False)
+    doubled = resize_field(x, target)
+    torch.testing.assert_close(doubled, reference)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), x)
+    (got,) = torch.autograd.grad((doubled * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

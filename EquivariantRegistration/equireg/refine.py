@@ -270,10 +270,47 @@ def field_array(displacement: torch.Tensor) -> np.ndarray:
 def resize_field(displacement: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A field on a grid over the same extent with ``shape`` voxels (linear interpolation,
     network-coordinate convention: ``align_corners=False``)."""
-    if tuple(displacement.shape[2:]) == tuple(shape):
+    shape = tuple(shape)
+    if tuple(displacement.shape[2:]) == shape:
         return displacement
+    if all(n in (m, 2 * m) for n, m in zip(shape, displacement.shape[2:], strict=True)):
+        return _Doubled.apply(displacement, shape)
+    return _interpolate(displacement, shape)
+
+
+def _interpolate(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(displacement, size=shape, mode=mode, align_corners=False)
+    return F.interpolate(values, size=shape, mode=mode, align_corners=False)
+
+
+class _Doubled(torch.autograd.Function):
+    """Linear upsampling by exactly 2 (or 1) along each axis, with its transpose written out
+    separably: along a doubled axis, output ``2k`` is ``¾ x[k] + ¼ x[k − 1]`` and ``2k + 1`` is
+    ``¾ x[k] + ¼ x[k + 1]`` (indices clamped), so the gradient of ``x[k]`` is ``¾ (g[2k] +
+    g[2k + 1]) + ¼ (g[2k + 2] + g[2k − 1])`` with the clamped ends folded back. PyTorch's own
+    backward pass scatters per output voxel: on the finest 3-D level it was 10 % of a step,
+    this a third of that."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        ctx.doubled = [n != m for n, m in zip(shape, values.shape[2:], strict=True)]
+        return _interpolate(values, shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        for axis, doubled in enumerate(ctx.doubled, start=2):
+            if not doubled:
+                continue
+            n = grad.shape[axis] // 2
+            pairs = grad.unflatten(axis, (n, 2))
+            even, odd = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
+            out = (even + odd).mul_(0.75)
+            out.narrow(axis, 0, n - 1).add_(even.narrow(axis, 1, n - 1), alpha=0.25)
+            out.narrow(axis, 1, n - 1).add_(odd.narrow(axis, 0, n - 1), alpha=0.25)
+            out.narrow(axis, 0, 1).add_(even.narrow(axis, 0, 1), alpha=0.25)
+            out.narrow(axis, n - 1, 1).add_(odd.narrow(axis, n - 1, 1), alpha=0.25)
+            grad = out
+        return grad, None
 
 
 class ImagePair:
