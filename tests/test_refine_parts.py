@@ -16,6 +16,7 @@ from equireg.refine import (
     QUALITY,
     ImagePair,
     _eroded,
+    _grid_sample,
     _MovingSampler,
     optimise_level,
     points_of,
@@ -165,3 +166,30 @@ def test_doubling_a_field_has_linear_interpolations_gradient(
     (expected,) = torch.autograd.grad((reference * weights).sum(), x)
     (got,) = torch.autograd.grad((doubled * weights).sum(), x)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(6, 5, 4), (5, 7, 4), (5, 7, 3), (9, 8)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_sampling_cut_into_one_batch_per_thread_equals_one_call(
+    size: tuple[int, ...], mode: str
+) -> None:
+    """``_grid_sample`` on two threads (points cut along the first axis, along the flattened
+    points, or, for an odd count, not at all) against one ``F.grid_sample`` call: the same
+    values and the same gradient with respect to the points."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, *[n + 2 for n in size], dtype=torch.float64, generator=generator)
+    grid = torch.rand(1, *size, len(size), dtype=torch.float64, generator=generator) * 2.2 - 1.1
+    weights = torch.randn(1, 1, *size, dtype=torch.float64, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cut = grid.clone().requires_grad_(True)
+        values = _grid_sample(image, cut, mode)
+        (values * weights).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    whole = grid.clone().requires_grad_(True)
+    reference = F.grid_sample(image, whole, mode=mode, align_corners=False)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(values, reference)
+    torch.testing.assert_close(cut.grad, whole.grad)

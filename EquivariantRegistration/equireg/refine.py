@@ -227,13 +227,32 @@ class _MovingSampler:
     def read(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The moving image at ``coords`` (``coords``' output) and each point's weight."""
         grid = coords.movedim(1, -1)  # a view: grid_sample reads it through its strides
-        values = F.grid_sample(self.image, grid, align_corners=False)
+        values = _grid_sample(self.image, grid, "bilinear")
         rim = self.rim.view([1, -1] + [1] * (coords.dim() - 2))
         inside = ((coords >= rim) & (coords <= -rim)).all(dim=1, keepdim=True)
         inside = _eroded(inside, EDGE_MARGIN).to(values.dtype)
         if self.mask is not None:
-            inside = inside * F.grid_sample(self.mask, grid, mode="nearest", align_corners=False)
+            inside = inside * _grid_sample(self.mask, grid, "nearest")
         return values, inside
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``F.grid_sample`` of a one-channel ``image`` ``(1, 1, *M)`` at ``grid`` ``(1, *S, d)``,
+    on the CPU with the points cut into one batch per thread: PyTorch's CPU kernels share
+    out the work by batch only, so one image used one core (two threads on the brain volume's
+    finest grid: 47 → 25 ms forward and backward). Returns ``(1, 1, *S)``."""
+    parts = torch.get_num_threads() if grid.device.type == "cpu" else 1
+    size = grid.shape[1:-1]
+    if parts > 1 and size[0] % parts == 0:
+        grid = grid.reshape(parts, size[0] // parts, *size[1:], grid.shape[-1])  # a view
+    elif parts > 1 and grid[0, ..., 0].numel() % parts == 0:
+        grid = grid.reshape(parts, -1, *[1] * (len(size) - 1), grid.shape[-1])
+    else:
+        parts = 1
+    values = F.grid_sample(
+        image.expand(parts, *image.shape[1:]), grid, mode=mode, align_corners=False
+    )
+    return values.reshape(1, 1, *size)
 
 
 @dataclass
