@@ -15,11 +15,11 @@ import torch
 from conftest import gaussian_blobs
 
 import equireg.api
-from equireg.capture import capture
+from equireg.capture import Pair, capture, capture_pairs
 from equireg.cli import main
 from equireg.compose import RegistrationStep
 from equireg.maps import Map
-from equireg.models import MODELS_DIR, read_card
+from equireg.models import MODELS_DIR, load_network, read_card
 from equireg.preprocess import background_value
 from equireg.refine import QUALITY
 
@@ -145,6 +145,24 @@ def test_network_translation_becomes_the_right_physical_translation(tmp_path: Pa
     )
     points = np.array([[20.0, 10.0], [30.0, 40.0], [-100.0, 300.0]])
     np.testing.assert_allclose(net.map(points) - points, [[-3.6, 9.0]] * 3, atol=1e-4)
+
+
+def test_pairs_run_in_one_batch_give_each_pair_s_own_map(tmp_path: Path) -> None:
+    """``capture_pairs`` runs the forward pair and the swapped one as one batch (as
+    ``register`` does with the aligned pair): each map equals the pair's run on its own."""
+    fixed = sitk.ReadImage(str(_write(_blobs((96, 80)), tmp_path / "f.nrrd")), sitk.sitkFloat32)
+    moving = sitk.ReadImage(
+        str(_write(_blobs((90, 84), seed=1), tmp_path / "m.nrrd", (0.9, 1.1), (3.0, -2.0))),
+        sitk.sitkFloat32,
+    )
+    card = read_card("generic2d")
+    network = load_network(card)
+    cpu = torch.device("cpu")
+    both = capture_pairs(network, card, [Pair(fixed, moving), Pair(moving, fixed)], cpu, [])
+    points = np.array([[20.0, 10.0], [30.0, 40.0], [60.0, 70.0]])
+    for run, (a, b) in zip(both, [(fixed, moving), (moving, fixed)], strict=True):
+        alone = capture(network, card, a, b, None, None, cpu, [])
+        np.testing.assert_allclose(run.map(points), alone.map(points), atol=1e-4)
 
 
 def test_network_start_follows_a_moved_image(

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from . import affine
-from .capture import Capture, PointMap, capture, unsuitable
+from .capture import Pair, PointMap, capture_pairs, unsuitable
 from .device import resolve_device
 from .evaluate import folding_fraction
 from .io import read_image, read_mask
@@ -200,29 +200,27 @@ def _directions(
     if network is None or skip:
         return forward, backward, device
 
-    def run(
-        fixed: sitk.Image,
-        moving: sitk.Image,
-        fixed_mask: sitk.Image | None,
-        moving_mask: sitk.Image | None,
-        on: torch.device,
-    ) -> Capture:
-        return capture(network, card, fixed, moving, fixed_mask, moving_mask, on, warnings)
-
-    net = run(inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask, device)
-    forward.starts["network"] = net.map
+    pairs = {"network": Pair(inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask)}
     if inverse:
-        back = run(inputs.moving, inputs.fixed, inputs.moving_mask, inputs.fixed_mask, net.device)
-        backward.starts["network"] = back.map
+        pairs["back"] = Pair(inputs.moving, inputs.fixed, inputs.moving_mask, inputs.fixed_mask)
+    if alignment is not None:
+        moving, moving_mask = aligned
+        pairs["aligned"] = Pair(inputs.fixed, moving, inputs.fixed_mask, moving_mask)
+        if inverse:
+            pairs["back aligned"] = Pair(moving, inputs.fixed, moving_mask, inputs.fixed_mask)
+    captured = capture_pairs(network, card, list(pairs.values()), device, warnings)
+    runs = dict(zip(pairs, captured, strict=True))
+    forward.starts["network"] = runs["network"].map
+    if inverse:
+        backward.starts["network"] = runs["back"].map
     if alignment is not None:
         linear, undo = alignment.apply, backward.starts["affine"]
-        moving, moving_mask = aligned
-        net_aligned = run(inputs.fixed, moving, inputs.fixed_mask, moving_mask, net.device)
-        forward.starts["affine+network"] = lambda points: linear(net_aligned.map(points))
+        net_aligned = runs["aligned"].map
+        forward.starts["affine+network"] = lambda points: linear(net_aligned(points))
         if inverse:
-            back_aligned = run(moving, inputs.fixed, moving_mask, inputs.fixed_mask, net.device)
-            backward.starts["affine+network"] = lambda points: back_aligned.map(undo(points))
-    return forward, backward, net.device
+            back_aligned = runs["back aligned"].map
+            backward.starts["affine+network"] = lambda points: back_aligned(undo(points))
+    return forward, backward, runs["network"].device
 
 
 def _displacement_on(point_map: PointMap) -> Callable[[Grid], np.ndarray]:
