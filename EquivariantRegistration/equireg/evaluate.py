@@ -61,8 +61,21 @@ def jacobian_determinant(
         low, high = max(start - 1, 0), min(stop + 1, slices)
         jacobian = _index_jacobian(displacement[low:high]) @ physical_per_index
         jacobian = jacobian[start - low : start - low + stop - start]
-        determinant[start:stop] = np.linalg.det(np.eye(dims) + jacobian)
+        determinant[start:stop] = _determinant(np.eye(dims) + jacobian)
     return determinant
+
+
+def _determinant(m: np.ndarray) -> np.ndarray:
+    """``det`` of ``(…, d, d)`` matrices, written out for ``d ≤ 3`` (numpy's batched LU
+    is about five times slower on a volume's 3 × 3 Jacobians)."""
+    if m.shape[-1] == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    if m.shape[-1] == 3:
+        a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+        d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+        g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return np.linalg.det(m)
 
 
 def folding_fraction(
