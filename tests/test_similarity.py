@@ -9,6 +9,7 @@ import torch
 from conftest import gaussian_blobs
 from scipy import ndimage
 
+from equireg import similarity
 from equireg.refine import MIN_AGREEMENT, MULTIMODAL_RATIO
 from equireg.similarity import (
     SIMILARITIES,
@@ -115,9 +116,15 @@ def test_local_agreement_tells_an_inverted_contrast_that_r_misses() -> None:
 
 
 @pytest.mark.parametrize("shape", [(30, 28), (14, 16, 12)], ids=["2d", "3d"])
-def test_mind_s_written_out_gradient_equals_autograd(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("slab", [None, 1], ids=["one-slab", "slab-per-slice"])
+def test_mind_s_written_out_gradient_equals_autograd(
+    shape: tuple[int, ...], slab: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``_MindSquaredError``'s backward against autograd through ``mind_ssc``, on an image
-    with a flat half (where ``V`` is clamped to its lower bound) and a weight."""
+    with a flat half (where ``V`` is clamped to its lower bound) and a weight, in one slab and
+    one slab per slice."""
+    if slab is not None:
+        monkeypatch.setattr(similarity, "SLAB_VALUES", slab)
     generator = torch.Generator().manual_seed(0)
     a = torch.rand(1, 1, *shape, dtype=torch.float64, generator=generator)
     a[:, :, : shape[0] // 2] = 0.5
@@ -140,4 +147,6 @@ def test_mind_distances_written_out_gradient_passes_gradcheck(
     """``_MindDistances``' backward (shifted reads, the box filter's transpose, the squared
     differences) against finite differences, two images of two channels."""
     image = torch.rand(2, 2, *shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: _mind_distances(x, dilation), (image,))
+    assert torch.autograd.gradcheck(
+        lambda x: _mind_distances(x, dilation), (image,), fast_mode=True
+    )

@@ -179,63 +179,81 @@ def _mind_grids(padded: Tensor, plan: _MindPlan) -> tuple[tuple[int, ...], tuple
 def mind_ssc(image: Tensor, dilation: int = 1, radius: int = 1) -> Tensor:
     """MIND-SSC descriptors ``(B, C·K, *S)`` of ``image`` ``(B, C, *S)`` (``_mind_distances``
     gives the method and its source)."""
-    return _descriptors(_mind_distances(image, dilation, radius))[0]
+    distances = _mind_distances(image, dilation, radius)
+    return _descriptors(distances, _variance(distances)[0])[0]
 
 
 VARIANCE_RANGE = (1e-3, 1e3)  # V is kept within these multiples of its mean over the image
 
 
-def _descriptors(distances: Tensor) -> tuple[Tensor, ...]:
-    """``exp(−D / V)`` over its maximum over the channels, i.e. ``exp((min D − D) / V)`` (one
-    exponential, no division), and what its gradient needs: the exponent, ``1 / V``, the
-    channel of ``min D``, ``V`` before clamping and the clamp's bounds."""
+def _variance(distances: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``1 / V`` with ``V`` the mean of the ``K`` distances clamped to ``VARIANCE_RANGE``
+    times its mean over the image, ``V`` before clamping, and the clamp's bounds."""
     raw = distances.mean(dim=1, keepdim=True)
-    mean_raw = raw.mean()
-    low, high = (factor * mean_raw + 1e-8 for factor in VARIANCE_RANGE)
-    inverse = raw.clamp(min=low, max=high).reciprocal()
+    low, high = (factor * raw.mean() + 1e-8 for factor in VARIANCE_RANGE)
+    return raw.clamp(min=low, max=high).reciprocal(), raw, low, high
+
+
+def _descriptors(distances: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``exp(−D / V)`` over its maximum over the channels, i.e. ``exp((min D − D) / V)`` (one
+    exponential, no division), with the exponent and the channel of ``min D``."""
     nearest, argmin = distances.min(dim=1, keepdim=True)
     exponent = (nearest - distances) * inverse
-    return exponent.exp(), exponent, inverse, argmin, raw, low, high
+    return exponent.exp(), exponent, argmin
+
+
+SLAB_VALUES = 1 << 20  # values per slab of _MindSquaredError (all K channels): 4 MB
 
 
 class _MindSquaredError(torch.autograd.Function):
     """The weighted mean over voxels of the mean over channels of ``(MIND(D) − F)²``, from the
     patch distances ``D`` ``(B, K, *S)`` of the moving image and the fixed descriptors ``F``,
     with its gradient with respect to ``D`` written out (through the exponential, ``min D``,
-    ``V`` and the clamp of ``V``, whose bounds follow the mean of ``V``): a handful of passes
-    over the ``K`` channels instead of autograd's two dozen, the bulk of a MIND step."""
+    ``V`` and the clamp of ``V``, whose bounds follow the mean of ``V``).
+
+    Everything per voxel runs slab by slab along the first spatial axis, each slab's dozen
+    passes over ``K`` channels staying in cache (a volume's K channels are tens of MB, and
+    each pass over them is bound by memory, not by arithmetic), and the gradient is formed in
+    the same pass when it will be needed (the loss is a scalar: its backward pass only scales
+    it)."""
 
     @staticmethod
     def forward(ctx, distances: Tensor, target: Tensor, weight: Tensor | None):
-        descriptors, exponent, inverse, argmin, raw, low, high = _descriptors(distances)
-        difference = descriptors - target
-        per_voxel = difference.pow(2).mean(dim=1, keepdim=True)
+        inverse, raw, low, high = _variance(distances)
+        channels = distances.shape[1]
         if weight is None:
-            share = torch.full_like(per_voxel, 1 / per_voxel.numel())
+            share = torch.full_like(raw, 1 / raw.numel())
         else:
-            weight = weight.expand_as(per_voxel)
-            share = weight / weight.sum().clamp(min=1e-6)
-        ctx.save_for_backward(descriptors, difference, exponent, inverse, argmin, raw, low, high)
-        ctx.share = share
-        return (per_voxel * share).sum()
+            share = weight.expand_as(raw) / weight.sum().clamp(min=1e-6)
+        gradient = torch.empty_like(distances) if ctx.needs_input_grad[0] else None
+        total, bounds = distances.new_zeros(()), distances.new_zeros(())
+        step = max(1, SLAB_VALUES // (distances[:, :, 0].numel()))
+        for first in range(0, distances.shape[2], step):
+            part = slice(first, first + step)
+            d, v, w = distances[:, :, part], inverse[:, :, part], share[:, :, part]
+            descriptors, exponent, argmin = _descriptors(d, v)
+            difference = descriptors - target[:, :, part]
+            total += (difference.pow(2).mean(dim=1, keepdim=True) * w).sum()
+            if gradient is None:
+                continue
+            # ∂/∂exponent_k, the exponent being (min D − D_k) / V
+            slope = difference.mul_(descriptors).mul_(w * (2 / channels))
+            g = slope * -v
+            g.scatter_add_(1, argmin, slope.sum(dim=1, keepdim=True) * v)  # through min D
+            # through V = clamp(mean_k D, low, high), low and high following mean(mean_k D)
+            d_variance = -(slope.mul_(exponent)).sum(dim=1, keepdim=True) * v
+            below, above = raw[:, :, part] < low, raw[:, :, part] > high
+            bounds += VARIANCE_RANGE[0] * d_variance[below].sum()
+            bounds += VARIANCE_RANGE[1] * d_variance[above].sum()
+            gradient[:, :, part] = g.add_(d_variance.masked_fill_(below | above, 0) / channels)
+        if gradient is not None:
+            ctx.save_for_backward(gradient, bounds / (raw.numel() * channels))
+        return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        descriptors, difference, exponent, inverse, argmin, raw, low, high = ctx.saved_tensors
-        channels = difference.shape[1]
-        # ∂/∂exponent_k, the exponent being (min D − D_k) / V
-        slope = difference.mul(descriptors).mul_(ctx.share * (2 * grad / channels))
-        total = slope.sum(dim=1, keepdim=True)
-        d_distances = slope * -inverse
-        d_distances.scatter_add_(1, argmin, total * inverse)  # through min D
-        # through V = clamp(mean_k D, low, high), low and high following mean(mean_k D)
-        d_variance = -(slope * exponent).sum(dim=1, keepdim=True) * inverse
-        below, above = raw < low, raw > high
-        d_raw = d_variance.masked_fill(below | above, 0)
-        bounds = VARIANCE_RANGE[0] * d_variance[below].sum()
-        bounds = bounds + VARIANCE_RANGE[1] * d_variance[above].sum()
-        d_raw = d_raw + bounds / raw.numel()
-        return d_distances.add_(d_raw / channels), None, None
+        gradient, constant = ctx.saved_tensors
+        return (gradient + constant) * grad, None, None
 
 
 def mind_similarity(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
