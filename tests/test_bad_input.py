@@ -201,6 +201,19 @@ def test_nan_mask_is_refused_in_memory_and_as_a_file(
     _one_line(code, err, "mask.nrrd: mask contains NaN")
 
 
+def test_a_mask_of_another_dimension_is_an_input_error(
+    pair: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A 3-D mask for a 2-D image: one line naming the mask and both dimensions, exit 2 (it
+    was a numpy broadcasting error and exit 3)."""
+    mask = _write(_image(np.ones((5, 36, 40), dtype=np.float32)), tmp_path / "mask3d.nrrd")
+    code, err = _run(
+        ["register", *map(str, pair), "-o", str(tmp_path / "o"), "--fixed-mask", str(mask)], capfd
+    )
+    _one_line(code, err, "mask3d.nrrd")
+    assert "3-D" in err[0] and "2-D" in err[0]
+
+
 @pytest.fixture(scope="module")
 def transform_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("t") / "shift.tfm"

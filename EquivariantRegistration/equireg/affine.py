@@ -838,7 +838,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 DEFAULT_LOSS = "ncc"
 SAMPLE_RATIO = 4  # fewer samples per coarser level
-MIN_SAMPLES = 1024
+MIN_SAMPLES = 2048  # 1024 lost a 30° rotation of the fundus photograph (0.94 mm against 0.000)
 DEFAULT_MAX_SIZE = {2: 256, 3: 96}  # largest side of the finest level, voxels
 
 

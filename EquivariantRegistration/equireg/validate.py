@@ -149,6 +149,8 @@ def grid_difference(a: Grid, b: Grid, tolerance: float = 1e-4) -> str | None:
         matrix = np.round(np.asarray(grid.direction).reshape(grid.dim, grid.dim), 3) + 0.0
         return "(" + ", ".join(listed(tuple(row), " ") for row in matrix) + ")"
 
+    if a.dim != b.dim:
+        return f"{a.dim}-D ({listed(a.size)} voxels) against {b.dim}-D ({listed(b.size)} voxels)"
     differences = []
     if a.size != b.size:
         differences.append(f"size {listed(a.size)} against {listed(b.size)} voxels")
