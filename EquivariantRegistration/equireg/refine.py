@@ -400,9 +400,15 @@ MIN_OVERLAP = 0.01  # a start whose moving image covers less of the fixed image 
 
 
 def overlap(level: Level, displacement: torch.Tensor) -> float:
-    """The fraction of the fixed image (inside its mask) whose target lies in the moving image."""
+    """The fraction of the fixed image (inside its mask) whose target lies in the moving image
+    (within its voxels' outer edges, and its mask): what the user means by coverage, not the
+    similarity's counted region, whose hull and edge margin leave out two of a thin volume's
+    five slices (a newcomer's 5-slice pair, shifted by 1 mm, was said to be 36 % covered)."""
     with torch.no_grad():
-        _, inside = level.moving(level.points + displacement)
+        coords = level.moving.coords(level.points + displacement)
+        inside = (coords.abs() <= 1).all(dim=1, keepdim=True).to(level.weight.dtype)
+        if level.moving.mask is not None:
+            inside = inside * _grid_sample(level.moving.mask, coords.movedim(1, -1), "nearest")
         return float((level.weight * inside).sum() / level.weight.sum().clamp(min=1))
 
 
