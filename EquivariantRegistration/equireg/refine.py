@@ -230,10 +230,19 @@ class _MovingSampler:
         values = _grid_sample(self.image, grid, "bilinear")
         rim = self.rim.view([1, -1] + [1] * (coords.dim() - 2))
         inside = ((coords >= rim) & (coords <= -rim)).all(dim=1, keepdim=True)
-        inside = _eroded(inside, EDGE_MARGIN).to(values.dtype)
-        if self.mask is not None:
-            inside = inside * _grid_sample(self.mask, grid, "nearest")
-        return values, inside
+        return values, self._masked(_eroded(inside, EDGE_MARGIN).to(values.dtype), grid)
+
+    def covers(self, coords: torch.Tensor) -> torch.Tensor:
+        """Whether each point of ``coords`` lies in the moving image (within its voxels' outer
+        edges, and its mask): coverage as the user means it, without ``read``'s hull and edge
+        margin."""
+        inside = (coords.abs() <= 1).all(dim=1, keepdim=True).to(self.image.dtype)
+        return self._masked(inside, coords.movedim(1, -1))
+
+    def _masked(self, inside: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return inside
+        return inside * _grid_sample(self.mask, grid, "nearest")
 
 
 def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
@@ -405,10 +414,7 @@ def overlap(level: Level, displacement: torch.Tensor) -> float:
     similarity's counted region, whose hull and edge margin leave out two of a thin volume's
     five slices (a newcomer's 5-slice pair, shifted by 1 mm, was said to be 36 % covered)."""
     with torch.no_grad():
-        coords = level.moving.coords(level.points + displacement)
-        inside = (coords.abs() <= 1).all(dim=1, keepdim=True).to(level.weight.dtype)
-        if level.moving.mask is not None:
-            inside = inside * _grid_sample(level.moving.mask, coords.movedim(1, -1), "nearest")
+        inside = level.moving.covers(level.moving.coords(level.points + displacement))
         return float((level.weight * inside).sum() / level.weight.sum().clamp(min=1))
 
 

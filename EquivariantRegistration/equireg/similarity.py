@@ -162,10 +162,10 @@ class _MindDistances(torch.autograd.Function):
         centre = _block(padded, (d,) * plan.dims, grown)
         at_centre = _block(result, (d,) * plan.dims, grown)
         for b, v in enumerate(plan.bases):
-            shifted = (d + c for c in v)
-            slope = _block(padded, tuple(shifted), grown) - centre
+            shifted = tuple(d + c for c in v)
+            slope = _block(padded, shifted, grown) - centre
             slope.mul_(squared[:, b * channels : (b + 1) * channels]).mul_(2)
-            _block(result, tuple(d + c for c in v), grown).add_(slope)
+            _block(result, shifted, grown).add_(slope)
             at_centre.sub_(slope)
         return result, None
 
