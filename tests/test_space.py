@@ -25,6 +25,17 @@ def test_index_to_physical_matches_simpleitk(dim: int) -> None:
         np.testing.assert_allclose(grid.index_to_physical(index), expected, atol=1e-9)
 
 
+def test_physical_points_are_every_voxel_centre(dim: int) -> None:
+    """``physical_points`` (built axis by axis) is SimpleITK's centre of each voxel, in tensor
+    order, on an oblique, anisotropic, offset grid."""
+    image, grid = _grid(dim)
+    points = grid.physical_points()
+    assert points.shape == (*grid.shape, dim)
+    for index in np.ndindex(*grid.size):
+        expected = image.TransformIndexToPhysicalPoint(index)
+        np.testing.assert_allclose(points[index[::-1]], expected, atol=1e-9)
+
+
 def test_network_physical_round_trip(dim: int) -> None:
     _, grid = _grid(dim)
     coords = np.random.default_rng(1).uniform(-0.2, 1.2, size=(100, dim))

@@ -56,6 +56,13 @@ ImageLike = str | os.PathLike | sitk.Image
 # the benchmark cases whatever its samples, so 2^12 do; the finest 2-D level gets 2^14: the
 # pure affine brain slices end at the alignment's precision, which its samples set.
 ALIGNMENT_SAMPLES = {2: 1 << 14, 3: 1 << 12}
+# The finest 3-D alignment level at 64 voxels along the longest side instead of
+# ``affine.DEFAULT_MAX_SIZE``'s 96: its spline and smoothing cost a third (brain volume
+# alignment 0.8 → 0.5 s), and 2^12 samples do not resolve more. Landmark error after
+# refinement unchanged within 0.003 mm on the 3-D cases; rotations of 15–30° with 5–15 mm
+# shifts of the brain volume and the chest CT still recovered (0.15 / 0.25 mm by the
+# alignment alone, against 0.12 / 0.32 at 96).
+ALIGNMENT_MAX_SIZE = {2: affine.DEFAULT_MAX_SIZE[2], 3: 64}
 ALIGNMENT_SCHEDULE = affine.Schedule(iterations=100, tolerance=0.01, patience=5, level_rate=0.4)
 
 
@@ -156,6 +163,7 @@ def _align(
         inputs.moving,
         mode,
         loss="ncc" if similarity in ("lncc", "mse") else "mi",
+        max_size=ALIGNMENT_MAX_SIZE[inputs.fixed.GetDimension()],
         max_samples=ALIGNMENT_SAMPLES[inputs.fixed.GetDimension()],
         schedule=ALIGNMENT_SCHEDULE,
         fixed_mask=inputs.fixed_mask,

@@ -17,19 +17,6 @@ from .maps import identity_grid
 _SLAB_VOXELS = 1 << 20
 
 
-def _index_jacobian(displacement: np.ndarray) -> np.ndarray:
-    """``∂u_i/∂index_j`` (central differences, one-sided at the border), ``j`` in ITK order."""
-    dims = displacement.shape[-1]
-    columns = []
-    for itk_axis in range(dims):
-        tensor_axis = dims - 1 - itk_axis
-        if displacement.shape[tensor_axis] > 1:
-            columns.append(np.gradient(displacement, axis=tensor_axis))
-        else:  # a single slice: nothing varies along this axis
-            columns.append(np.zeros_like(displacement))
-    return np.stack(columns, axis=-1)
-
-
 def jacobian_determinant(
     displacement_mm: np.ndarray,
     spacing: Sequence[float],
@@ -42,40 +29,59 @@ def jacobian_determinant(
     (row-major, identity when omitted) are ITK's. The direction matters because the vectors are
     in LPS: for an oblique grid, ``∂u/∂index`` must be rotated with the grid, not read as if the
     grid axes were L, P, S. Central differences, one-sided at the border.
+
+    With ``D`` the grid's index → LPS matrix (direction · spacing) and ``G = ∂u/∂index``,
+    ``I + G D⁻¹ = (D + G) D⁻¹``: the determinant is ``det(D + G) / det(D)``, so no per-voxel
+    matrix product is formed (float64, on torch's threads).
     """
-    displacement = np.asarray(displacement_mm, dtype=np.float64)
+    displacement = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float64))
     dims = displacement.shape[-1]
-    if displacement.ndim != dims + 1 or len(spacing) != dims:
+    if displacement.dim() != dims + 1 or len(spacing) != dims:
         raise ValueError(
-            f"displacement of shape {displacement.shape} and spacing {tuple(spacing)} do not "
-            f"describe a {dims}-D field of {dims}-vectors"
+            f"displacement of shape {tuple(displacement.shape)} and spacing {tuple(spacing)} do "
+            f"not describe a {dims}-D field of {dims}-vectors"
         )
     rotation = np.eye(dims) if direction is None else np.asarray(direction).reshape(dims, dims)
-    physical_per_index = np.linalg.inv(rotation @ np.diag(np.asarray(spacing, dtype=np.float64)))
+    index_to_physical = rotation @ np.diag(np.asarray(spacing, dtype=np.float64))
+    scale = 1.0 / np.linalg.det(index_to_physical)
     # Slabs along the first axis with a one-voxel halo give the same central differences.
     slices = displacement.shape[0]
     per_slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(displacement.shape[1:-1]))))
-    determinant = np.empty(displacement.shape[:-1])
+    determinant = torch.empty(displacement.shape[:-1], dtype=torch.float64)
     for start in range(0, slices, per_slab):
         stop = min(start + per_slab, slices)
         low, high = max(start - 1, 0), min(stop + 1, slices)
-        jacobian = _index_jacobian(displacement[low:high]) @ physical_per_index
-        jacobian = jacobian[start - low : start - low + stop - start]
-        determinant[start:stop] = _determinant(np.eye(dims) + jacobian)
-    return determinant
+        slab = displacement[low:high]
+        columns = []  # ∂u/∂index_j, j in ITK order, each (*slab, d)
+        for itk_axis in range(dims):
+            tensor_axis = dims - 1 - itk_axis
+            if slab.shape[tensor_axis] > 1:
+                columns.append(torch.gradient(slab, dim=tensor_axis)[0])
+            else:  # a single slice: nothing varies along this axis
+                columns.append(torch.zeros_like(slab))
+        core = slice(start - low, start - low + stop - start)
+        rows = [
+            [columns[j][core][..., i] + index_to_physical[i, j] for j in range(dims)]
+            for i in range(dims)
+        ]
+        determinant[start:stop] = _determinant(rows) * scale
+    return determinant.numpy()
 
 
-def _determinant(m: np.ndarray) -> np.ndarray:
-    """``det`` of ``(…, d, d)`` matrices, written out for ``d ≤ 3`` (numpy's batched LU
-    is about five times slower on a volume's 3 × 3 Jacobians)."""
-    if m.shape[-1] == 2:
-        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
-    if m.shape[-1] == 3:
-        a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-        d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-        g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+def _determinant(m: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """``det`` of matrices given entry by entry (``m[i][j]``, each an array of any shape),
+    written out for ``d ≤ 3`` (a batched LU is several times slower on a volume's 3 × 3
+    Jacobians)."""
+    if len(m) == 1:
+        return m[0][0]
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    if len(m) == 3:
+        a, b, c = m[0]
+        d, e, f = m[1]
+        g, h, i = m[2]
         return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-    return np.linalg.det(m)
+    return torch.linalg.det(torch.stack([torch.stack(list(row), -1) for row in m], -2))
 
 
 def folding_fraction(

@@ -108,11 +108,17 @@ class Grid:
         return image
 
     def physical_points(self) -> np.ndarray:
-        """LPS mm of every voxel centre, ``(*shape, d)`` in tensor-axis order of the array."""
-        axes = [np.arange(n, dtype=np.float64) for n in self.size]
-        index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (x, y, z, d)
-        index = index.transpose(*reversed(range(self.dim)), self.dim)  # (z, y, x, d)
-        return self.index_to_physical(index)
+        """LPS mm of every voxel centre, ``(*shape, d)`` in tensor-axis order of the array:
+        ``origin + Σ_k index_k · column_k`` added axis by axis (``index_to_physical`` of every
+        index, without forming the index array)."""
+        matrix = self._index_to_physical_matrix()
+        points = np.empty((*self.shape, self.dim))
+        points[...] = np.asarray(self.origin, dtype=np.float64)
+        for k, n in enumerate(self.size):  # ITK axis k is tensor axis dim - 1 - k
+            shape = [1] * self.dim
+            shape[self.dim - 1 - k] = n
+            points += np.arange(n, dtype=np.float64).reshape(*shape, 1) * matrix[:, k]
+        return points
 
 
 def resample_to_grid(
