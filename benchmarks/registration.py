@@ -36,6 +36,7 @@ from common import FIGURES, ROOT, fmt, machine, markdown_table, save_figure
 
 from equireg.api import register
 from equireg.cases import Case, find_cases, score
+from equireg.cli import keep_freed_memory
 from equireg.evaluate import folding_fraction, transform_field
 from equireg.io import read_image
 from equireg.models import read_card
@@ -296,6 +297,9 @@ def main() -> None:
     cases = find_cases(args.cases)
     if not cases:
         parser.error(f"no cases (folders holding fixed.nrrd) under {args.cases}")
+    # The allocator setting the equireg command makes for itself; every system of this process
+    # (peers included) runs under it.
+    keep_freed_memory()
     print(f"Machine: {machine()}\n")
     warm_up(found, cases, dims)
     rows = []
