@@ -78,6 +78,11 @@ def test_register_writes_every_output_and_nothing_else(registered_2d: Path) -> N
     ):
         assert key in report
     assert report["device"] == "cpu"
+    # the swapped registration behind inverse_transform.h5 reports its own start and levels
+    inverse = report["inverse"]
+    assert inverse["refinement"]["start"]["chosen"] in inverse["refinement"]["start"]["scores"]
+    assert len(inverse["refinement"]["levels"]) == len(report["refinement"]["levels"])
+    assert set(inverse["similarity_after"]) == set(report["similarity_after"])
 
 
 def test_transform_file_reproduces_warped_image_through_simpleitk(

@@ -465,10 +465,10 @@ def register(
     fill = background_value(sitk.GetArrayViewFromImage(inputs.moving))
     warped = sitk.Resample(inputs.moving, inputs.fixed, transform, sitk.sitkLinear, fill)
 
-    inverse_transform = None
+    inverse_transform, inverse_report = None, {}
     if inverse:
         stages.enter("inverse", "registering with swapped inputs for the inverse")
-        inverse_field, inverse_refined, _ = _solve(
+        inverse_field, inverse_refined, inverse_quality = _solve(
             backward, options, _output_grid(field_grid, inputs.moving, card), compute
         )
         warnings += inverse_refined.warnings
@@ -476,12 +476,14 @@ def register(
         inverse_transform = _with_linear(
             inverse_field, inverse_linear, forward.starts.get("affine")
         )
+        inverse_report = {"inverse": {**inverse_quality, "refinement": inverse_refined.report}}
 
     report = {
         **run_report(card, (fixed, moving), inputs, options_report, compute),
         "model": {**model_report(card), "used": "network" in forward.starts},
         **quality_report,
         "refinement": refined.report,
+        **inverse_report,
         **({"affine": alignment.report()} if alignment is not None else {}),
         "timings_s": _with_total(stages.finish()),
         "warnings": notices + warnings,

@@ -44,7 +44,35 @@ def bundled_model_names(folder: Path = MODELS_DIR) -> list[str]:
 
 MAX_REFINE_STEPS = 10_000  # per pyramid level; more is a typo, not a wish
 SIMILARITIES = ("auto", "lncc", "mind", "nmi", "mse")
-QUALITIES = ("fast", "balanced", "best")
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    """The numbers of one ``--quality`` (``refine.QUALITY`` builds its pyramid from them, the
+    help below states them): the finest level is no finer than an ``edge_2d``² (2-D) or
+    ``edge_3d``³ (3-D) grid, with ``levels`` levels of ``steps`` steps each."""
+
+    edge_2d: int
+    edge_3d: int
+    levels: int
+    steps: int
+
+
+QUALITY_PRESETS = {
+    "fast": QualityPreset(256, 64, levels=3, steps=50),
+    "balanced": QualityPreset(512, 96, levels=3, steps=50),
+    "best": QualityPreset(1024, 160, levels=3, steps=100),
+}
+QUALITIES = tuple(QUALITY_PRESETS)
+
+
+def _quality_help() -> str:
+    presets = ", ".join(
+        f"{name} ({p.edge_2d}² / {p.edge_3d}³, {p.steps} steps per level)"
+        for name, p in QUALITY_PRESETS.items()
+    )
+    return f"refinement pyramid, voxels no finer than a grid of: {presets}"
+
 
 RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption(
@@ -77,17 +105,15 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "quality",
         str,
         "balanced",
-        "refinement pyramid: fast (voxels no finer than a 256² / 64³ grid), balanced (512² / "
-        "96³), best (1024² / 160³, twice the steps)",
+        _quality_help(),
         QUALITIES,
     ),
     RunOption(
         "refine_steps",
         int,
         None,
-        f"refinement steps per pyramid level, 0 to {MAX_REFINE_STEPS} (default: the quality "
-        "preset's: fast and balanced 50, best 100); 0: the best start (identity, alignment or "
-        "network) without refinement",
+        f"refinement steps per pyramid level, 0 to {MAX_REFINE_STEPS} (default: the --quality "
+        "preset's); 0: the best start (identity, alignment or network) without refinement",
     ),
     RunOption(
         "field_grid",

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .losses import box_mean
+from .options import QUALITY_PRESETS
 from .preprocess import robust_normalise
 from .similarity import Similarity, intensity_relation, local_agreement
 from .similarity import get as get_similarity
@@ -48,10 +49,9 @@ class Quality:
     steps: int
 
 
-QUALITY = {
-    "fast": Quality({2: 256**2, 3: 64**3}, levels=3, steps=50),
-    "balanced": Quality({2: 512**2, 3: 96**3}, levels=3, steps=50),
-    "best": Quality({2: 1024**2, 3: 160**3}, levels=3, steps=100),
+QUALITY = {  # the numbers live in options.py (torch-free), which the command's help states
+    name: Quality({2: p.edge_2d**2, 3: p.edge_3d**3}, p.levels, p.steps)
+    for name, p in QUALITY_PRESETS.items()
 }
 
 # Adam's step at the start of each level, in level voxels (0.5 before commit cd78f39: every
