@@ -72,8 +72,6 @@ def _determinant(m: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """``det`` of matrices given entry by entry (``m[i][j]``, each an array of any shape),
     written out for ``d ≤ 3`` (a batched LU is several times slower on a volume's 3 × 3
     Jacobians)."""
-    if len(m) == 1:
-        return m[0][0]
     if len(m) == 2:
         return m[0][0] * m[1][1] - m[0][1] * m[1][0]
     if len(m) == 3:
